@@ -1,0 +1,182 @@
+"""The meta-learner: initial parameters + update rule + inner/outer loss, as one ``nn.Module``.
+
+Every gradient-based algorithm (MAML, ANIL, Meta-SGD, ...) is a :class:`MetaLearner` that says
+which update rule it plugs in; the engine does the rest. Its ``parameters()`` are the
+meta-parameters φ: the model's initial weights and the rule's own parameters.
+
+Example:
+    >>> import torch
+    >>> from metaopt.episode import Episode
+    >>> from metaopt.rules import sgd
+    >>> learner = MetaLearner(torch.nn.Linear(4, 3), sgd(0.5), inner_steps=1)
+    >>> ep = Episode(torch.randn(6, 4), torch.arange(3).repeat(2), torch.randn(9, 4), torch.arange(3).repeat(3))
+    >>> loss, metrics = learner.meta_loss(Episode.stack([ep, ep]))
+    >>> sorted(metrics)
+    ['accuracy', 'loss']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.batchnorm import BatchNormPolicy, batchnorm_policy
+from metaopt.episode import Episode
+from metaopt.functional import Params, model_call, named_params
+from metaopt.inner import InnerLoop, TaskOutputs, resolve_strategy
+from metaopt.rules import UpdateRule
+
+__all__ = ["AdaptedModel", "MetaLearner", "head_parameter_names"]
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last submodule that owns parameters (the classifier head)."""
+    owners = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if not owners:
+        raise ValueError("the model has no parameters")
+    head = owners[-1]
+    return [f"{head}.{n}" if head else n for n, _ in model.get_submodule(head).named_parameters(recurse=False)]
+
+
+def default_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class labels, mean squared error for regression targets."""
+    if target.is_floating_point():
+        return F.mse_loss(prediction, target)
+    return F.cross_entropy(prediction, target)
+
+
+class AdaptedModel(nn.Module):
+    """A model together with task-adapted parameters; call it like the model.
+
+    Returned by :meth:`MetaLearner.adapt`. It runs ``model`` functionally on the adapted
+    parameters under the learner's batch-norm policy and never modifies ``model``.
+    """
+
+    def __init__(self, model: nn.Module, params: Params, bn_policy: BatchNormPolicy) -> None:
+        super().__init__()
+        self._model = (model,)  # a tuple: not registered as a submodule, so no second copy in state_dict
+        self.params = params
+        self.bn_policy = bn_policy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model[0]
+        with batchnorm_policy(model, self.bn_policy):
+            return model_call(model, self.params, x)
+
+
+class MetaLearner(nn.Module):
+    """Learn θ_0 (and the rule's meta-parameters) so that a few inner steps solve a new task.
+
+    Args:
+        model: the network whose initial parameters are meta-learned.
+        rule: the inner update rule (see :mod:`metaopt.rules`).
+        inner_steps: inner steps during meta-training.
+        eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
+        first_order: drop second-order terms of the meta-gradient.
+        adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or a list
+            of parameter names.
+        strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"``.
+        bn_policy: batch-norm policy, ``"batch"`` (MAML's) or ``"frozen"``.
+        loss_fn: inner and outer loss; default cross-entropy for labels, MSE for regression.
+        step_weights: outer-loss weights of the query loss after steps 1..K (default: last only).
+    """
+
+    def __init__(self, model: nn.Module, rule: UpdateRule, inner_steps: int = 1, eval_inner_steps: int | None = None,
+                 first_order: bool = False, adapt: str | Sequence[str] = "all", strategy: str = "auto",
+                 bn_policy: BatchNormPolicy | str = BatchNormPolicy.BATCH,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
+                 step_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if eval_inner_steps is not None and eval_inner_steps < 1:
+            raise ValueError(f"eval_inner_steps must be >= 1, got {eval_inner_steps}")
+        resolve_strategy(strategy, torch.device("cpu"))
+        self.model = model
+        self.rule = rule
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps or inner_steps
+        self.strategy = strategy
+        self.bn_policy = BatchNormPolicy(bn_policy)
+        self.step_weights = None if step_weights is None else list(step_weights)
+        self.inner = InnerLoop(model, rule, loss_fn, self._adapted_names(adapt), first_order)
+
+    @property
+    def first_order(self) -> bool:
+        return self.inner.first_order
+
+    @first_order.setter
+    def first_order(self, value: bool) -> None:
+        self.inner.first_order = value
+
+    def _adapted_names(self, adapt: str | Sequence[str]) -> list[str] | None:
+        names = [n for n, _ in self.model.named_parameters()]
+        if adapt == "all":
+            return None
+        if adapt == "head":
+            return head_parameter_names(self.model)
+        if isinstance(adapt, str):
+            raise ValueError(f"adapt must be 'all', 'head' or a list of parameter names, got {adapt!r}")
+        unknown = sorted(set(adapt) - set(names))
+        if unknown:
+            raise ValueError(f"adapt names unknown parameters {unknown}; the model has {names}")
+        return list(adapt)
+
+    def meta_loss(self, batch: Episode, steps: int | None = None, track_steps: bool = False,
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean outer loss over the tasks of ``batch`` and its metrics.
+
+        Args:
+            batch: a batched :class:`Episode` (a single task is treated as a batch of one).
+            steps: inner steps (default: ``inner_steps``).
+            track_steps: add the query loss after every inner step to the metrics.
+
+        Returns:
+            The differentiable meta-loss and a dict of floats: ``loss``, ``accuracy`` (for
+            classification) and ``query_loss_step{t}`` when tracked.
+        """
+        outputs = self.task_outputs(batch, steps, track_steps)
+        loss = outputs.losses.mean()
+        metrics = {"loss": loss.item()}
+        if outputs.accuracy is not None:
+            metrics["accuracy"] = outputs.accuracy.mean().item()
+        if outputs.step_losses is not None:
+            for t, value in enumerate(outputs.step_losses.mean(0).tolist()):
+                metrics[f"query_loss_step{t}"] = value
+        return loss, metrics
+
+    def task_outputs(self, batch: Episode, steps: int | None = None, track_steps: bool = False,
+                     final_step_only: bool = False) -> TaskOutputs:
+        """Per-task outer losses and accuracies (:class:`metaopt.inner.TaskOutputs`).
+
+        The outer loss uses ``step_weights`` when ``steps`` equals ``inner_steps``, else (and
+        with ``final_step_only``, as in evaluation) the query loss after the last step.
+        """
+        if not batch.is_batched:
+            batch = Episode.stack([batch])
+        steps = steps or self.inner_steps
+        weights = self.step_weights if steps == self.inner_steps and not final_step_only else None
+        with batchnorm_policy(self.model, self.bn_policy):
+            return self.inner.run_tasks(named_params(self.model), *batch.tensors(), steps=steps, weights=weights,
+                                        strategy=self.strategy, track=track_steps)
+
+    def adapt(self, episode: Episode, steps: int | None = None) -> AdaptedModel:
+        """Adapt to one task's support set; the returned predictor leaves this learner unchanged.
+
+        Under :func:`torch.no_grad` the adapted parameters are detached (evaluation); otherwise
+        they stay differentiable with respect to the meta-parameters.
+        """
+        if episode.is_batched:
+            raise ValueError("adapt takes a single-task episode; index the batch (batch[i]) or use meta_loss")
+        steps = steps or self.eval_inner_steps
+        with batchnorm_policy(self.model, self.bn_policy):
+            path = self.inner.adapt(named_params(self.model), episode.support_x, episode.support_y, steps)
+        return AdaptedModel(self.model, path[-1], self.bn_policy)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Episode, steps: int | None = None) -> TaskOutputs:
+        """Per-task query losses and accuracies after ``eval_inner_steps`` steps, without meta-gradients."""
+        return self.task_outputs(batch, steps or self.eval_inner_steps, final_step_only=True)

@@ -1,0 +1,66 @@
+"""Backbones of the meta-learning literature: Conv4 for images, an MLP for regression.
+
+Example:
+    >>> import torch
+    >>> Conv4(in_channels=1, num_classes=5, hidden=64)(torch.randn(2, 1, 28, 28)).shape
+    torch.Size([2, 5])
+    >>> MLP(1, 1, hidden=(40, 40))(torch.randn(7, 1)).shape
+    torch.Size([7, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["MLP", "Conv4"]
+
+
+class Conv4(nn.Sequential):
+    """Four blocks of [3x3 conv, batch norm, ReLU, 2x2 down-sampling], then a linear classifier.
+
+    The network of Vinyals et al. (2016) as used by MAML (Finn et al. 2017, §5.2): 64 filters on
+    Omniglot, 32 on miniImageNet. ``strided=True`` replaces max-pooling by stride-2
+    convolutions (MAML's Omniglot variant).
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
+        num_classes: outputs of the classifier (the ways).
+        hidden: filters per convolution.
+        image_size: side of the square input (28 Omniglot, 84 miniImageNet).
+        strided: stride-2 convolutions instead of max-pooling.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28,
+                 strided: bool = False) -> None:
+        blocks: list[nn.Module] = []
+        size = image_size
+        for i in range(4):
+            block = [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=2 if strided else 1, padding=1),
+                     nn.BatchNorm2d(hidden), nn.ReLU()]
+            if not strided:
+                block.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*block))
+            size = (size + 1) // 2 if strided else size // 2
+        if size < 1:
+            raise ValueError(f"image_size={image_size} is too small for four down-sampling blocks")
+        super().__init__(*blocks, nn.Flatten(), nn.Linear(hidden * size * size, num_classes))
+
+
+class MLP(nn.Sequential):
+    """Fully connected network with ReLU between layers (MAML's sinusoid regressor: 40-40).
+
+    Args:
+        in_features, out_features: input and output sizes.
+        hidden: sizes of the hidden layers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (40, 40)) -> None:
+        sizes = [in_features, *hidden, out_features]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
