@@ -1,0 +1,158 @@
+"""Omniglot loader: the real archives (when METAOPT_DATA is set) and small generated archives."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metaopt import EpisodeSampler
+from metaopt.datasets import omniglot as om
+from metaopt.datasets.omniglot import Omniglot, download_omniglot, safe_extract, split_names
+
+DATA = os.environ.get("METAOPT_DATA")
+needs_data = pytest.mark.skipif(not DATA or not Path(DATA, "omniglot").is_dir(),
+                                reason="set METAOPT_DATA to the folder holding omniglot/")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _write_fake(root: Path, drop: str | None = None) -> None:
+    """Tiny archives in the real layout: the expected counts of alphabets and characters, 8x8 PNGs.
+
+    ``drop``: a character folder (``<set>/<alphabet>/<character>/``) whose fifth drawing is left out.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    number = 1
+    for name, (alphabets, characters) in om.EXPECTED.items():
+        with zipfile.ZipFile(root / f"{name}.zip", "w") as z:
+            per = [characters // alphabets + (i < characters % alphabets) for i in range(alphabets)]
+            for a, count in enumerate(per):
+                for c in range(count):
+                    for d in range(om.DRAWINGS):
+                        member = f"{name}/Alpha{a:02d}/character{c + 1:02d}/{number:04d}_{d + 1:02d}.png"
+                        if drop and member.startswith(drop) and d == 4:
+                            continue
+                        image = Image.fromarray(rng.integers(0, 2, (8, 8), dtype=np.uint8).astype(bool))
+                        buffer = io.BytesIO()
+                        image.save(buffer, format="PNG")
+                        z.writestr(member, buffer.getvalue())
+                    number += 1
+
+
+def test_shipped_split_files_are_disjoint_and_checksummed() -> None:
+    assert split_names("maml") == {"train": 1200, "val": 100, "test": 423}
+    assert split_names("vinyals") == {"train": 1028, "val": 172, "test": 423}
+    for protocol in ("maml", "vinyals"):
+        name, sha = om.SPLIT_FILES[protocol]
+        raw = resources.files("metaopt.datasets").joinpath("splits", name).read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == sha
+        splits = json.loads(raw)["splits"]
+        assert not set(splits["train"]) & set(splits["test"])
+        if protocol == "vinyals":
+            assert not set(splits["val"]) & (set(splits["train"]) | set(splits["test"]))
+            assert len(set(splits["train"]) | set(splits["val"]) | set(splits["test"])) == 1623
+        else:
+            assert set(splits["val"]) <= set(splits["train"])
+
+
+def test_edited_split_file_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(om.SPLIT_FILES, "maml", (om.SPLIT_FILES["maml"][0], "0" * 64))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        split_names("maml")
+
+
+@needs_data
+def test_real_omniglot_maml_protocol() -> None:
+    train = Omniglot(Path(DATA, "omniglot"), split="train", protocol="maml")
+    test = Omniglot(Path(DATA, "omniglot"), split="test", protocol="maml")
+    assert train.num_classes == 4800 and test.num_classes == 423
+    assert set(train.checksums.values()) <= {"original", "rebuilt"}
+    batch = next(iter(EpisodeSampler(train, ways=5, shots=1, query=15, batch_size=32, seed=0)))
+    assert batch.support_x.shape == (32, 5, 1, 28, 28) and batch.query_x.shape == (32, 75, 1, 28, 28)
+    image = test.examples(0, [0])[0, 0]
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert 0.02 < image.mean() < 0.3, "ink must be 1 on a 0 background"
+    base = train.examples(4, [3])
+    assert torch.equal(train.examples(5, [3]), torch.rot90(base, 1, dims=(-2, -1)))
+
+
+@needs_data
+def test_real_omniglot_vinyals_protocol() -> None:
+    root = Path(DATA, "omniglot")
+    sizes = [Omniglot(root, split=s, protocol="vinyals").num_classes for s in ("train", "val", "test")]
+    assert sizes == [1028 * 4, 172, 423]
+
+
+def test_fake_archives_load_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_fake(tmp_path / "omni")
+    monkeypatch.setattr(om, "_split_table", lambda protocol: {"train": [], "test": []})
+    images, names, checksums = om._load_images(tmp_path / "omni", 28)
+    assert images.shape == (1623, 20, 28, 28) and images.dtype == torch.uint8
+    assert checksums == {om.BACKGROUND: "unknown", om.EVALUATION: "unknown"}
+    assert len(names) == 1623 and names == sorted(names)
+
+    def fail(*args: object) -> None:
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(om, "_decode", fail)
+    again, _, _ = om._load_images(tmp_path / "omni", 28)
+    assert torch.equal(images, again)
+
+
+def test_missing_data_names_the_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="images_background.zip.*images_evaluation.zip"):
+        Omniglot(tmp_path, split="test")
+
+
+def test_incomplete_archive_is_rejected(tmp_path: Path) -> None:
+    _write_fake(tmp_path, drop="images_evaluation/Alpha03/character02/")
+    with pytest.raises(FileNotFoundError, match="incomplete Omniglot set images_evaluation"):
+        om._load_images(tmp_path, 28)
+
+
+def test_bad_split_and_protocol() -> None:
+    with pytest.raises(ValueError, match="unknown Omniglot protocol"):
+        split_names("random")
+
+
+def test_safe_extract_refuses_escaping_members(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok/file.txt", "fine")
+        z.writestr("../escaped.txt", "bad")
+    with pytest.raises(ValueError, match="unsafe member"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out" / "ok").exists()
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr("ok/file.txt", "fine")
+    safe_extract(good, tmp_path / "out")
+    assert (tmp_path / "out" / "ok" / "file.txt").read_text() == "fine"
+
+
+def test_download_from_a_local_mirror(tmp_path: Path) -> None:
+    _write_fake(tmp_path / "mirror")
+    target = tmp_path / "data"
+    download_omniglot(target, url=(tmp_path / "mirror").as_uri() + "/{name}.zip")
+    for name in om.EXPECTED:
+        assert (target / f"{name}.zip").read_bytes() == (tmp_path / "mirror" / f"{name}.zip").read_bytes()
+    assert not list(target.glob("*.part"))
+
+
+def test_download_offline_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="could not download"):
+        download_omniglot(tmp_path, url=(tmp_path / "nowhere").as_uri() + "/{name}.zip")
