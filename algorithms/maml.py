@@ -55,8 +55,10 @@ class MAML(MetaLearner):
         first_order: drop second-order terms (first-order MAML).
         anil: adapt only the classifier head (ANIL); equivalent to ``adapt="head"``.
         learn_inner_lr: meta-learn α as one scalar.
+        adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` or a list of names.
         **kwargs: engine options of :class:`metaopt.meta_learner.MetaLearner` (``eval_inner_steps``,
-            ``adapt``, ``strategy``, ``bn_policy``, ``loss_fn``, ``step_weights``).
+            ``strategy``, ``bn_policy``, ``loss_fn``, ``step_weights``, ``driver``); with
+            ``driver="higher"`` the inner SGD runs as ``torch.optim.SGD`` through ``higher``.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1, first_order: bool = False,

@@ -4,6 +4,7 @@ from metaopt.batchnorm import BatchNormPolicy
 from metaopt.episode import Episode, EpisodeError
 from metaopt.meta_learner import AdaptedModel, MetaLearner
 from metaopt.sampling import EpisodeSampler, TaskSampler
+from metaopt.trainer import MetaTrainer
 
 __all__ = [
     "AdaptedModel",
@@ -12,5 +13,6 @@ __all__ = [
     "EpisodeError",
     "EpisodeSampler",
     "MetaLearner",
+    "MetaTrainer",
     "TaskSampler",
 ]

@@ -70,8 +70,9 @@ class composite_batch_norm(TorchFunctionMode):  # noqa: N801  (used like a funct
 
     ``torch.func.vmap`` gives wrong *second-order* gradients through the fused batch-norm
     kernel in training mode (checked against a per-task loop and finite differences with
-    torch 2.14; first-order is right). The vmap driver runs under this mode so that its
-    meta-gradients equal the loop's. Calls with running statistics pass through unchanged.
+    torch 2.14; first-order is right; see pytorch/functorch#534, the batch-norm backward batching
+    rule). The vmap driver runs under this mode so that its meta-gradients equal the loop's.
+    Calls with running statistics pass through unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

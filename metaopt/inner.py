@@ -40,7 +40,8 @@ from metaopt.batchnorm import composite_batch_norm
 from metaopt.functional import Params, grads, model_call, select
 from metaopt.rules import UpdateRule
 
-__all__ = ["STRATEGIES", "InnerLoop", "TaskOutputs", "resolve_strategy"]
+__all__ = ["STRATEGIES", "InnerLoop", "LossFn", "TaskOutputs", "resolve_strategy", "resolve_weights", "score_path",
+           "stack_tasks"]
 
 STRATEGIES = ("auto", "loop", "vmap")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,6 +54,45 @@ def resolve_strategy(strategy: str, device: torch.device) -> str:
     if strategy == "auto":
         return "vmap" if device.type == "cuda" else "loop"
     return strategy
+
+
+def resolve_weights(steps: int, weights: Sequence[float] | None) -> list[float]:
+    """The outer-loss weights of steps 1..K: ``weights`` checked, or the last step only when ``None``."""
+    weights = [0.0] * (steps - 1) + [1.0] if weights is None else list(weights)
+    if len(weights) != steps:
+        raise ValueError(f"{len(weights)} step weights given for {steps} inner steps")
+    return weights
+
+
+def score_path(model: nn.Module, loss_fn: LossFn, path: Sequence[Params], query_x: torch.Tensor,
+               query_y: torch.Tensor, weights: Sequence[float], track: bool) -> tuple[torch.Tensor, ...]:
+    """Score the parameters θ_0..θ_K of one task's inner loop on its query set.
+
+    Returns:
+        The weighted outer loss Σ_t w_t L_out(θ_t) (differentiable), the detached query losses
+        after steps 0..K (empty unless ``track``) and the detached query accuracy at θ_K (zero
+        for regression).
+    """
+    steps = len(path) - 1
+    loss = query_x.new_zeros(())
+    step_losses = []
+    for t, theta in enumerate(path):
+        w = weights[t - 1] if t > 0 else 0.0
+        if not (w or track or t == steps):
+            continue
+        out = model_call(model, theta, query_x)
+        step_loss = loss_fn(out, query_y)
+        if w:
+            loss = loss + w * step_loss
+        step_losses.append(step_loss.detach())
+    accuracy = (out.argmax(-1) == query_y).float().mean() if not query_y.is_floating_point() else loss.new_zeros(())
+    tracked = torch.stack(step_losses) if track else loss.new_zeros(0)
+    return loss, tracked, accuracy.detach()
+
+
+def stack_tasks(per_task: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack the per-task results of :func:`score_path` along a leading task dimension."""
+    return tuple(torch.stack(parts) for parts in zip(*per_task))
 
 
 @dataclass(frozen=True)
@@ -138,20 +178,7 @@ class InnerLoop:
             path = self.adapt(params, support_x, support_y, steps)
         else:
             path = self._unroll(params, support_x, support_y, steps, grad_fn)
-        loss = query_x.new_zeros(())
-        step_losses = []
-        for t, theta in enumerate(path):
-            w = weights[t - 1] if t > 0 else 0.0
-            if not (w or track or t == steps):
-                continue
-            out = model_call(self.model, theta, query_x)
-            step_loss = self.loss_fn(out, query_y)
-            if w:
-                loss = loss + w * step_loss
-            step_losses.append(step_loss.detach())
-        accuracy = (out.argmax(-1) == query_y).float().mean() if not query_y.is_floating_point() else loss.new_zeros(())
-        tracked = torch.stack(step_losses) if track else loss.new_zeros(0)
-        return loss, tracked, accuracy.detach()
+        return score_path(self.model, self.loss_fn, path, query_x, query_y, weights, track)
 
     def run_tasks(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
                   query_y: torch.Tensor, steps: int, weights: Sequence[float] | None = None,
@@ -165,14 +192,12 @@ class InnerLoop:
             strategy: ``"loop"``, ``"vmap"`` or ``"auto"``.
             track: also return the query loss after every step (for logging).
         """
-        weights = [0.0] * (steps - 1) + [1.0] if weights is None else list(weights)
-        if len(weights) != steps:
-            raise ValueError(f"{len(weights)} step weights given for {steps} inner steps")
+        weights = resolve_weights(steps, weights)
         strategy = resolve_strategy(strategy, support_x.device)
         if strategy == "loop":
             per_task = [self.task_outputs(params, *task, steps, weights, track)
                         for task in zip(support_x, support_y, query_x, query_y)]
-            loss, tracked, accuracy = (torch.stack(parts) for parts in zip(*per_task))
+            loss, tracked, accuracy = stack_tasks(per_task)
         else:
             def one_task(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple:
                 return self.task_outputs(params, sx, sy, qx, qy, steps, weights, track, self._func_grads)

@@ -4,6 +4,10 @@ Every gradient-based algorithm (MAML, ANIL, Meta-SGD, ...) is a :class:`MetaLear
 which update rule it plugs in; the engine does the rest. Its ``parameters()`` are the
 meta-parameters φ: the model's initial weights and the rule's own parameters.
 
+Two drivers run the inner loop: ``"func"`` (:mod:`metaopt.inner`, torch.func, update rules,
+vmap over tasks) and ``"higher"`` (:mod:`metaopt.higher_backend`, any ``torch.optim`` optimizer,
+with meta-learned hyper-parameters passed to it as ``override``).
+
 Example:
     >>> import torch
     >>> from metaopt.episode import Episode
@@ -13,11 +17,20 @@ Example:
     >>> loss, metrics = learner.meta_loss(Episode.stack([ep, ep]))
     >>> sorted(metrics)
     ['accuracy', 'loss']
+
+    Adam as the inner optimizer, with a meta-learned learning rate:
+
+    >>> learner = MetaLearner(torch.nn.Linear(4, 3), driver="higher", override={"lr": 0.01},
+    ...                       inner_optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    >>> loss, metrics = learner.meta_loss(Episode.stack([ep, ep]))
+    >>> loss.backward()
+    >>> learner.override.lr.grad is not None
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +39,13 @@ from torch import nn
 from metaopt.batchnorm import BatchNormPolicy, batchnorm_policy
 from metaopt.episode import Episode
 from metaopt.functional import Params, model_call, named_params
+from metaopt.higher_backend import HigherLoop
 from metaopt.inner import InnerLoop, TaskOutputs, resolve_strategy
-from metaopt.rules import UpdateRule
+from metaopt.rules import OptimizerFactory, UpdateRule
 
-__all__ = ["AdaptedModel", "MetaLearner", "head_parameter_names"]
+__all__ = ["DRIVERS", "AdaptedModel", "MetaLearner", "head_parameter_names"]
+
+DRIVERS = ("func", "higher")
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -46,6 +62,13 @@ def default_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     if target.is_floating_point():
         return F.mse_loss(prediction, target)
     return F.cross_entropy(prediction, target)
+
+
+def _as_parameter(value: float | torch.Tensor) -> nn.Parameter:
+    """``value`` as a meta-parameter: an ``nn.Parameter`` is kept, a tensor or float becomes one."""
+    if isinstance(value, nn.Parameter):
+        return value
+    return nn.Parameter(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
 
 
 class AdaptedModel(nn.Module):
@@ -72,7 +95,9 @@ class MetaLearner(nn.Module):
 
     Args:
         model: the network whose initial parameters are meta-learned.
-        rule: the inner update rule (see :mod:`metaopt.rules`).
+        rule: the inner update rule (see :mod:`metaopt.rules`). With ``driver="higher"`` it must
+            have a ``torch.optim`` counterpart (:meth:`~metaopt.rules.UpdateRule.torch_optimizer`,
+            e.g. ``sgd``); leave it out to give ``inner_optimizer`` instead.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (default: ``inner_steps``).
         first_order: drop second-order terms of the meta-gradient.
@@ -82,27 +107,67 @@ class MetaLearner(nn.Module):
         bn_policy: batch-norm policy, ``"batch"`` (MAML's) or ``"frozen"``.
         loss_fn: inner and outer loss; default cross-entropy for labels, MSE for regression.
         step_weights: outer-loss weights of the query loss after steps 1..K (default: last only).
+        driver: inner-loop driver, ``"func"`` (torch.func, update rules) or ``"higher"``
+            (``higher.innerloop_ctx``, ``torch.optim`` optimizers; tasks run as a loop).
+        inner_optimizer: ``driver="higher"`` only: builds the inner optimizer over the adapted
+            parameters, e.g. ``lambda params: torch.optim.Adam(params, lr=1e-2)``.
+        override: ``driver="higher"`` with ``inner_optimizer`` only: hyper-parameters of the
+            inner optimizer to meta-learn, e.g. ``{"lr": 0.01}``. Each value becomes an
+            ``nn.Parameter`` (a float, a 0-d one) in ``self.override``, so in ``parameters()``, and
+            replaces the optimizer's own value in every parameter group.
     """
 
-    def __init__(self, model: nn.Module, rule: UpdateRule, inner_steps: int = 1, eval_inner_steps: int | None = None,
-                 first_order: bool = False, adapt: str | Sequence[str] = "all", strategy: str = "auto",
-                 bn_policy: BatchNormPolicy | str = BatchNormPolicy.BATCH,
+    def __init__(self, model: nn.Module, rule: UpdateRule | None = None, inner_steps: int = 1,
+                 eval_inner_steps: int | None = None, first_order: bool = False, adapt: str | Sequence[str] = "all",
+                 strategy: str = "auto", bn_policy: BatchNormPolicy | str = BatchNormPolicy.BATCH,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
-                 step_weights: Sequence[float] | None = None) -> None:
+                 step_weights: Sequence[float] | None = None, driver: str = "func",
+                 inner_optimizer: OptimizerFactory | None = None,
+                 override: Mapping[str, float | torch.Tensor] | None = None) -> None:
         super().__init__()
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if eval_inner_steps is not None and eval_inner_steps < 1:
             raise ValueError(f"eval_inner_steps must be >= 1, got {eval_inner_steps}")
+        if step_weights is not None and len(step_weights) != inner_steps:
+            raise ValueError(f"{len(step_weights)} step_weights given for inner_steps={inner_steps}; give one "
+                             "weight per inner step")
         resolve_strategy(strategy, torch.device("cpu"))
         self.model = model
         self.rule = rule
+        self.override = nn.ParameterDict({k: _as_parameter(v) for k, v in (override or {}).items()})
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.strategy = strategy
+        self.driver = driver
         self.bn_policy = BatchNormPolicy(bn_policy)
         self.step_weights = None if step_weights is None else list(step_weights)
-        self.inner = InnerLoop(model, rule, loss_fn, self._adapted_names(adapt), first_order)
+        self.inner = self._driver(loss_fn, self._adapted_names(adapt), first_order, inner_optimizer, override)
+
+    def _driver(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], adapted: list[str] | None,
+                first_order: bool, inner_optimizer: OptimizerFactory | None,
+                override: Mapping[str, float | torch.Tensor] | None) -> InnerLoop | HigherLoop:
+        """The inner loop of ``self.driver``, after checking that the options given belong to it."""
+        if self.driver == "func":
+            if inner_optimizer is not None or override is not None:
+                raise ValueError("inner_optimizer and override configure the higher driver; pass driver='higher'")
+            if self.rule is None:
+                raise ValueError("driver='func' needs an update rule, e.g. rule=metaopt.rules.sgd(0.4)")
+            return InnerLoop(self.model, self.rule, loss_fn, adapted, first_order)
+        if self.driver != "higher":
+            raise ValueError(f"unknown inner-loop driver {self.driver!r}; choose one of {DRIVERS}")
+        if self.strategy == "vmap":
+            raise ValueError("driver='higher' runs tasks one after another; use strategy='loop' or 'auto'")
+        if (self.rule is None) == (inner_optimizer is None):
+            raise ValueError("driver='higher' takes either a rule with a torch.optim counterpart (e.g. sgd) or "
+                             "inner_optimizer=..., exactly one of them")
+        if self.rule is None:
+            return HigherLoop(self.model, inner_optimizer, loss_fn, adapted, first_order, self.override)
+        if override is not None:
+            raise ValueError("override sets hyper-parameters of inner_optimizer; a rule's meta-parameters are its "
+                             "own (e.g. sgd(lr, learnable=True))")
+        make_optimizer, learned = self.rule.torch_optimizer()
+        return HigherLoop(self.model, make_optimizer, loss_fn, adapted, first_order, learned)
 
     @property
     def first_order(self) -> bool:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,10 @@ from torch import nn
 
 from metaopt.functional import Params
 
-__all__ = ["UpdateRule", "sgd"]
+__all__ = ["OptimizerFactory", "UpdateRule", "sgd"]
+
+#: Builds a ``torch.optim`` optimizer over the parameters it is given (the ``higher`` driver's inner optimizer).
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 class UpdateRule(nn.Module):
@@ -37,6 +41,20 @@ class UpdateRule(nn.Module):
 
     def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
         raise NotImplementedError
+
+    def torch_optimizer(self) -> tuple[OptimizerFactory, dict[str, torch.Tensor]]:
+        """The same rule as a ``torch.optim`` optimizer, for the ``higher`` driver.
+
+        Returns:
+            A factory ``params -> torch.optim.Optimizer`` and the rule's meta-learned
+            hyper-parameters (its ``nn.Parameter`` s), which ``higher`` receives as ``override`` so
+            that meta-gradients reach them.
+
+        Raises:
+            NotImplementedError: the rule has no ``torch.optim`` counterpart.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no torch.optim counterpart; use driver='func', or "
+                                  "driver='higher' with inner_optimizer=... instead of a rule")
 
 
 class _SGD(UpdateRule):
@@ -51,6 +69,10 @@ class _SGD(UpdateRule):
     def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
         del t
         return {name: p - self.lr * grads[name] for name, p in params.items()}, state
+
+    def torch_optimizer(self) -> tuple[OptimizerFactory, dict[str, torch.Tensor]]:
+        learned = {"lr": self.lr} if isinstance(self.lr, nn.Parameter) else {}
+        return (lambda params: torch.optim.SGD(params, lr=self.lr.item())), learned
 
     def extra_repr(self) -> str:
         return f"lr={self.lr.item():g}, learnable={isinstance(self.lr, nn.Parameter)}"

@@ -1,0 +1,179 @@
+"""Command line: ``metaopt train`` and ``metaopt eval``.
+
+Every field of :class:`metaopt.config.ExperimentConfig` is an option (``inner_lr`` is
+``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none`` clears an
+optional value). Options override a preset or a JSON config file, which override the defaults.
+Unknown or abbreviated options are rejected with the closest valid one.
+
+Examples::
+
+    metaopt train --preset maml-sinusoid-10shot
+    metaopt train --preset maml-sinusoid-5shot --inner-lr 0.02 --iterations 1000 --run-dir runs/try
+    metaopt train --resume runs/try                  # continue a stopped run exactly
+    metaopt eval --run runs/try --checkpoint best --episodes 600 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from metaopt.checkpoint import CheckpointError
+from metaopt.config import ConfigError, ExperimentConfig, TrainerConfig, load_preset, preset_names
+from metaopt.experiment import default_run_dir, evaluate_run, train
+from metaopt.trainer import RESUMABLE_CHANGES, NonFiniteError
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose "unrecognized arguments" error names the closest valid option."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            valid = [option for action in self._actions for option in action.option_strings]
+            hints = []
+            for token in unknown.group(1).split():
+                option = token.split("=", 1)[0]
+                if option.startswith("-"):
+                    close = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
+                    hints.append(f"{option} (did you mean {close[0]}?)" if close else option)
+            message = f"unknown option{'s' if len(hints) > 1 else ''} {', '.join(hints)}; see {self.prog} --help"
+        super().error(message)
+
+
+def _field_help() -> dict[str, str]:
+    """One help line per config field, taken from the ``Args`` sections of the config docstrings."""
+    helps: dict[str, str] = {}
+    for cls in (TrainerConfig, ExperimentConfig):
+        name = None
+        for line in (inspect.getdoc(cls) or "").partition("Args:\n")[2].splitlines():
+            match = re.fullmatch(r" {4}(\w+): (.*)", line)
+            if match:
+                name, helps[match.group(1)] = match.group(1), match.group(2)
+            elif name and line.startswith(" " * 8):
+                helps[name] += " " + line.strip()
+    return {k: v.replace("``", "").rstrip(".").replace("%", "%%") for k, v in helps.items()}
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def _add_field_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config fields (override the defaults, the preset or the config file)")
+    hints = typing.get_type_hints(ExperimentConfig)
+    helps = _field_help()
+    for f in fields(ExperimentConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        option = "--" + f.name.replace("_", "-")
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helps.get(f.name, '')} (default: {default})"}
+        if hint is bool:
+            group.add_argument(option, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(hint) is tuple:
+            group.add_argument(option, nargs="*", type=int, metavar="N", **common)
+        elif type(None) in args:
+            group.add_argument(option, type=_optional(next(a for a in args if a is not type(None))), **common)
+        else:
+            group.add_argument(option, type=hint, **common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``metaopt`` argument parser (subcommands ``train`` and ``eval``)."""
+    parser = _Parser(prog="metaopt", allow_abbrev=False,
+                     description="Optimization-based meta-learning: train and evaluate runs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train_parser = commands.add_parser(
+        "train", allow_abbrev=False, help="meta-train from a preset, a config file or a stopped run",
+        description="Meta-train, checkpoint and log into a run directory; at the end, score the best checkpoint "
+                    f"on the test tasks (final.json). Presets: {', '.join(preset_names())}.")
+    source = train_parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="named preset to start from (see the list above)")
+    source.add_argument("--config", type=Path, help="JSON config file to start from")
+    source.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint, with its config.json")
+    train_parser.add_argument("--run-dir", type=Path,
+                              help="run directory (default: runs/<algorithm>-<dataset>-<shots>-<timestamp>)")
+    _add_field_options(train_parser)
+    train_parser.set_defaults(subparser=train_parser)
+
+    eval_parser = commands.add_parser(
+        "eval", allow_abbrev=False, help="evaluate a run's checkpoint on held-out tasks",
+        description="Evaluate a checkpoint of a run; prints mean ± 95%% CI with the protocol and writes "
+                    "RUN_DIR/eval.json.")
+    eval_parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    eval_parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                             help="best validation checkpoint or the last one (default: best)")
+    eval_parser.add_argument("--episodes", type=int, help="tasks to evaluate on (default: the run's eval_episodes)")
+    eval_parser.add_argument("--steps", type=int, help="inner steps (default: the run's eval_inner_steps)")
+    eval_parser.add_argument("--split", choices=("test", "val"), default="test", help="task split (default: test)")
+    eval_parser.set_defaults(subparser=eval_parser)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
+    if args.resume is not None:
+        if args.run_dir is not None:
+            args.subparser.error("--resume RUN_DIR names the run directory already; drop --run-dir")
+        fixed = sorted(set(overrides) - set(RESUMABLE_CHANGES))
+        if fixed:
+            allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_CHANGES)
+            args.subparser.error(f"a resumed run keeps its config.json; "
+                                 f"{', '.join('--' + n.replace('_', '-') for n in fixed)} cannot change "
+                                 f"(only {allowed} may)")
+        config, run_dir = ExperimentConfig.from_json(args.resume / "config.json"), args.resume
+    else:
+        config = (load_preset(args.preset) if args.preset else
+                  ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig())
+        run_dir = args.run_dir
+    config = config.replace(**overrides)
+    run_dir = run_dir if run_dir is not None else default_run_dir(config)
+    print(f"run directory: {run_dir}", flush=True)
+    final = train(config, run_dir, resume=args.resume is not None)
+    print(final["summary"])
+    print(f"test result written to {run_dir / 'final.json'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    result = evaluate_run(args.run, args.checkpoint, episodes=args.episodes, steps=args.steps, split=args.split)
+    print(result)
+    print(f"written to {args.run / 'eval.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _train(args) if args.command == "train" else _eval(args)
+    except ConfigError as err:
+        print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteError) as err:
+        print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of metaopt, one file per module."""

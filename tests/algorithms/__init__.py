@@ -1,0 +1,1 @@
+"""Tests of metaopt.algorithms, one file per algorithm."""

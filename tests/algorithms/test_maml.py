@@ -1,0 +1,127 @@
+"""MAML, first-order MAML and ANIL: behaviour of the algorithm as a user sees it, and a learning test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaopt.algorithms import MAML
+from metaopt.datasets import Sinusoid
+from metaopt.episode import Episode
+from metaopt.evaluation import evaluate
+from metaopt.models import MLP
+from tests.helpers import meta_grads, tiny_convnet, toy_classification_batch
+
+HEAD = ("3.weight", "3.bias")
+
+
+def test_model_is_unchanged_by_adapt_and_meta_loss() -> None:
+    model = tiny_convnet().train()
+    with torch.no_grad():
+        model(toy_classification_batch(seed=5).support_x[0])  # non-trivial running statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maml = MAML(model, inner_lr=0.5, inner_steps=2)
+    batch = toy_classification_batch()
+    maml.meta_loss(batch)[0].backward()
+    maml.adapt(batch[0])(batch.query_x[0]).sum().backward()
+    after = model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=f"{k} changed")
+
+
+def test_backward_fills_the_gradients_of_every_meta_parameter() -> None:
+    maml = MAML(tiny_convnet(), inner_lr=0.5, learn_inner_lr=True).double()
+    loss, metrics = maml.meta_loss(toy_classification_batch())
+    loss.backward()
+    assert [n for n, p in maml.named_parameters() if p.grad is None] == []
+    assert maml.rule.lr.grad != 0 and maml.model[3].weight.grad.abs().sum() > 0
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_adapted_learner_fits_its_support_set() -> None:
+    maml = MAML(tiny_convnet(), inner_lr=0.5)
+    task = toy_classification_batch()[0]
+    with torch.no_grad():
+        learner = maml.adapt(task, steps=5)
+        unadapted = maml.adapt(task, steps=1)
+        assert learner(task.query_x).shape == (6, 3)
+        fitted = F.cross_entropy(learner(task.support_x), task.support_y)
+        assert fitted < F.cross_entropy(unadapted(task.support_x), task.support_y)
+        assert (learner(task.support_x).argmax(-1) == task.support_y).all()
+
+
+def test_anil_adapts_only_the_head() -> None:
+    model = tiny_convnet()
+    anil = MAML(model, inner_lr=0.5, anil=True)
+    adapted = anil.adapt(toy_classification_batch()[0])
+    for name, p in model.named_parameters():
+        moved = not torch.equal(adapted.params[name], p)
+        assert moved is (name in HEAD), name
+    loss, _ = anil.meta_loss(toy_classification_batch())
+    loss.backward()
+    assert model[0][0].weight.grad.abs().sum() > 0  # the body is still meta-learned
+    assert MAML(model, adapt=list(HEAD)).inner.adapted == HEAD
+
+
+def test_first_order_flag() -> None:
+    batch = toy_classification_batch()
+    _, second = meta_grads(MAML(tiny_convnet(), inner_lr=0.5, inner_steps=2), batch)
+    first_order = MAML(tiny_convnet(), inner_lr=0.5, inner_steps=2, first_order=True)
+    _, first = meta_grads(first_order, batch)
+    assert first_order.first_order and not torch.allclose(first["model.0.0.weight"], second["model.0.0.weight"])
+    first_order.first_order = False
+    torch.testing.assert_close(meta_grads(first_order, batch)[1]["model.0.0.weight"], second["model.0.0.weight"])
+
+
+def test_learned_inner_lr_gets_a_gradient_with_both_drivers() -> None:
+    for driver in ("func", "higher"):
+        maml = MAML(tiny_convnet(), inner_lr=0.5, learn_inner_lr=True, driver=driver)
+        assert dict(maml.named_parameters())["rule.lr"] is maml.rule.lr
+        _, grads = meta_grads(maml, toy_classification_batch())
+        assert grads["rule.lr"] != 0, driver
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"inner_lr": 0.0}, ValueError, "inner learning rate must be > 0, got 0.0"),
+    ({"inner_steps": 0}, ValueError, "inner_steps must be >= 1"),
+    ({"anil": True, "adapt": ["3.weight"]}, ValueError, "either anil=True or adapt=..., not both"),
+    ({"adapt": ["head.weight"]}, ValueError, r"adapt names unknown parameters \['head.weight'\]"),
+    ({"strategy": "threads"}, ValueError, "unknown task-batching strategy 'threads'"),
+    ({"learning_rate": 0.1}, TypeError, "unexpected keyword argument 'learning_rate'"),
+], ids=["zero lr", "no steps", "anil and adapt", "unknown param", "strategy", "misspelt option"])
+def test_bad_options_raise_clear_errors(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        MAML(tiny_convnet(), **kwargs)
+
+
+def test_episodes_built_by_hand() -> None:
+    torch.manual_seed(0)
+    maml = MAML(MLP(2, 2, hidden=(8,)), inner_lr=0.5, inner_steps=3, eval_inner_steps=20)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [1.1, -0.1], [-0.1, 1.1]])
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    flipped = Episode(x[:2], 1 - y[:2], x[2:], 1 - y[2:])
+    batch = Episode.stack([Episode(x[:2], y[:2], x[2:], y[2:]), flipped])
+    loss, metrics = maml.meta_loss(batch)
+    loss.backward()
+    assert batch.ways == 2 and sorted(metrics) == ["accuracy", "loss"]
+    assert all(p.grad is not None for p in maml.parameters())
+    with torch.no_grad():  # twenty steps fit either labelling of the two clusters
+        assert maml.adapt(flipped)(x[2:]).argmax(-1).tolist() == [1, 0, 1, 0]
+        assert maml.adapt(batch[0])(x[2:]).argmax(-1).tolist() == [0, 1, 0, 1]
+
+
+def test_maml_learns_sinusoids() -> None:
+    """Finn et al. 2017, §5.1: MLP 40-40, one step of lr 0.01, Adam 1e-3, 25 tasks per meta-batch."""
+    torch.manual_seed(0)
+    maml = MAML(MLP(1, 1, hidden=(40, 40)), inner_lr=0.01, strategy="vmap")
+    test = Sinusoid(shots=10, query=10, batch_size=100, seed=123)
+    before = evaluate(maml, test, episodes=200)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    for batch in Sinusoid(shots=10, query=10, batch_size=25, seed=0, num_batches=500):
+        loss, _ = maml.meta_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = evaluate(maml, test, episodes=200)
+    assert after.mean < 0.6 * before.mean, f"post-adaptation MSE {after} vs untrained {before}"

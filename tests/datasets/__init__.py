@@ -1,0 +1,1 @@
+"""Tests of metaopt.datasets, one file per task source."""

@@ -1,0 +1,235 @@
+"""Tests of metaopt/cli.py, metaopt/experiment.py and scripts/: options, presets, run directories,
+evaluation, and resuming a run killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.checkpoint import load_checkpoint
+from metaopt.cli import main
+from metaopt.config import ExperimentConfig
+from metaopt.experiment import build_experiment, default_run_dir, split_seed
+from metaopt.logging import read_metrics
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TINY = ["--iterations", "6", "--hidden", "8", "--meta-batch", "4", "--shots", "5", "--eval-every", "3",
+        "--eval-episodes", "20", "--log-every", "3", "--checkpoint-every", "3"]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    return run
+
+
+# ------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--inner_lr", "0.02"], "unknown option --inner_lr (did you mean --inner-lr?)"),
+    (["train", "--inner-lr=0.1", "--meta_batch=4"], "unknown option --meta_batch (did you mean --meta-batch?)"),
+    (["train", "--inner", "0.1"], "unknown option --inner "),  # no abbreviations
+    (["train", "--resum", "runs/x"], "did you mean --resume?"),
+    (["eval", "--run", "runs/x", "--episode", "5"], "unknown option --episode (did you mean --episodes?)"),
+    (["train", "--iterations", "ten"], "argument --iterations: invalid int value: 'ten'"),
+    (["train", "--preset", "a", "--config", "b.json"], "not allowed with argument"),
+    (["eval"], "the following arguments are required: --run"),
+])
+def test_bad_command_lines_exit_with_a_hint(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_config_field_is_an_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in ExperimentConfig.field_names():
+        assert "--" + name.replace("_", "-") in text
+    assert "--no-first-order" in text and "maml-sinusoid-10shot" in text
+
+
+def test_bad_values_and_presets_are_reported_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--meta-lr", "-1", "--run-dir", str(run)]) == 2
+    assert "config field 'meta_lr' must be > 0, got -1.0" in capsys.readouterr().err
+    assert main(["train", "--preset", "maml-sinusoid-10shots", "--run-dir", str(run)]) == 2
+    assert "unknown preset 'maml-sinusoid-10shots' (did you mean 'maml-sinusoid-10shot'?)" in capsys.readouterr().err
+    assert main(["train", *TINY, "--dataset", "sinusiod", "--run-dir", str(run)]) == 2
+    assert "config field 'dataset': unknown dataset 'sinusiod'; did you mean 'sinusoid'?" in capsys.readouterr().err
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------------------ train / eval
+
+
+def test_preset_with_overrides_writes_a_full_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "maml-sinusoid-5shot", *TINY, "--inner-lr", "0.02", "--first-order",
+            "--eval-inner-steps", "none", "--grad-clip", "10", "--run-dir", str(run)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["inner_lr"] == 0.02 and config["first_order"] is True and config["eval_inner_steps"] is None
+    assert config["hidden"] == [8] and config["grad_clip"] == 10.0 and config["iterations"] == 6
+    assert config["meta_lr"] == 0.001 and config["bn_policy"] == "batch"  # from the preset / recorded
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "final.json"} <= {p.name for p in run.iterdir()}
+    final = json.loads((run / "final.json").read_text())
+    assert final["split"] == "test" and final["checkpoint"] == "best.pt"
+    assert final["result"]["protocol"] == {"shots": 5, "query": 10, "inner_steps": 1, "episodes": 20,
+                                           "bn_policy": "batch"}
+    assert final["summary"] in out and "mse" in final["summary"] and "95% CI" in final["summary"]
+    assert f"run directory: {run}" in out
+
+
+def test_config_file_as_the_starting_point(tmp_path):
+    path = tmp_path / "my.json"
+    path.write_text(ExperimentConfig(inner_lr=0.03, seed=4).to_json())
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(path), *TINY, "--run-dir", str(run)]) == 0
+    config = ExperimentConfig.from_json(run / "config.json")
+    assert (config.inner_lr, config.seed, config.iterations) == (0.03, 4, 6)
+
+
+def test_default_run_dir_is_readable_and_fresh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--first-order"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("fomaml-sinusoid-5shot-")
+    assert (run / "final.json").exists()
+    again = default_run_dir(ExperimentConfig(shots=5, first_order=True))
+    assert again != run.relative_to(tmp_path) and again.parent == Path("runs")
+    assert default_run_dir(ExperimentConfig(ways=5, shots=1), root="r").name.startswith("maml-sinusoid-5w1s-")
+
+
+def test_eval_prints_and_writes_the_result(finished_run, capsys):
+    assert main(["eval", "--run", str(finished_run), "--checkpoint", "last", "--episodes", "10", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((finished_run / "eval.json").read_text())
+    assert record["summary"] in out
+    assert "inner_steps=2, episodes=10" in record["summary"]
+    assert record["checkpoint"] == "last.pt" and record["checkpoint_iteration"] == 6
+    assert record["result"]["episodes"] == 10
+
+
+def test_eval_of_the_best_checkpoint_reproduces_the_final_result(finished_run, capsys):
+    assert main(["eval", "--run", str(finished_run)]) == 0
+    final = json.loads((finished_run / "final.json").read_text())
+    assert json.loads((finished_run / "eval.json").read_text())["result"] == final["result"]
+    assert final["summary"] in capsys.readouterr().out
+
+
+def test_eval_without_the_checkpoint_names_the_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    (run / "best.pt").unlink()
+    assert main(["eval", "--run", str(run)]) == 1
+    assert f"checkpoint {run / 'best.pt'} does not exist" in capsys.readouterr().err
+
+
+def test_a_run_that_diverges_stops_with_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--inner-lr", "1e30", "--max-nonfinite", "2", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite for 2 meta-batches in a row (iterations 1..2)" in err
+    assert f"{run / 'last.pt'} (iteration 0), is intact" in err
+
+
+def test_resume_keeps_the_config_but_may_extend_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(run), "--inner-lr", "0.5"])
+    assert "a resumed run keeps its config.json; --inner-lr cannot change" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(run), "--run-dir", str(tmp_path / "other")])
+    assert "drop --run-dir" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--iterations", "9"]) == 0
+    assert json.loads((run / "final.json").read_text())["train"]["iteration"] == 9
+    assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 9
+    assert json.loads((run / "config.json").read_text())["iterations"] == 9
+
+
+def test_existing_run_is_not_overwritten(finished_run, capsys):
+    assert main(["train", *TINY, "--run-dir", str(finished_run)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_scripts_call_the_cli(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    for script, args in (("train.py", [*TINY, "--run-dir", str(run)]), ("evaluate.py", ["--run", str(run)])):
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(SCRIPTS / script), run_name="__main__")
+        assert exit_.value.code == 0
+    assert (run / "final.json").exists() and (run / "eval.json").exists()
+    assert "95% CI" in capsys.readouterr().out
+
+
+def test_splits_have_distinct_seeds():
+    experiment = build_experiment(ExperimentConfig(seed=5, hidden=(8,), meta_batch=2))
+    seeds = [experiment.tasks(split).seed for split in ("train", "val", "test")]
+    assert seeds == [15, 16, 17] == [split_seed(5, s) for s in ("train", "val", "test")]
+    assert not torch.equal(experiment.train_tasks.batch(0).query_y, experiment.test_tasks.batch(0).query_y)
+
+
+# ------------------------------------------------------------------------------ SIGKILL and resume
+
+
+def _train_process(run: Path, *extra: str) -> list[str]:
+    args = ["--iterations", "400", "--hidden", "8", "--meta-batch", "2", "--shots", "5", "--log-every", "10",
+            "--checkpoint-every", "20", "--eval-every", "150", "--eval-episodes", "20"]
+    return [sys.executable, "-m", "metaopt.cli", "train", *(extra or (*args, "--run-dir", str(run)))]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    reference = subprocess.Popen(_train_process(ref), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_train_process(run), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not (records := read_metrics(run / "metrics.jsonl")) or records[-1]["iteration"] < 50:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = read_metrics(run / "metrics.jsonl")[-1]["iteration"]
+    checkpoint_at = load_checkpoint(run / "last.pt")["iteration"]
+    assert victim.returncode == -signal.SIGKILL and 0 < checkpoint_at < killed_at < 400
+
+    resumed = subprocess.run(_train_process(run, "--resume", str(run)), env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _, stderr = reference.communicate(timeout=300)
+    assert reference.returncode == 0, stderr
+
+    ours, theirs = (load_checkpoint(d / "last.pt") for d in (run, ref))
+    assert ours["iteration"] == theirs["iteration"] == 400
+    assert ours["model"].keys() == theirs["model"].keys()
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(ours["optimizer"]["state"][i][name], s[name])
+                   for i, s in theirs["optimizer"]["state"].items())
+    assert without_timing(read_metrics(run / "metrics.jsonl")) == without_timing(read_metrics(ref / "metrics.jsonl"))
+    final_ours, final_theirs = (json.loads((d / "final.json").read_text()) for d in (run, ref))
+    assert final_ours["result"] == final_theirs["result"] and final_ours["train"] == final_theirs["train"]

@@ -1,0 +1,301 @@
+"""Tests of metaopt/trainer.py (and the logging it drives): updates, clipping, evaluation, best
+checkpoint, exact resume, non-finite meta-batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from metaopt import MetaTrainer
+from metaopt.algorithms import MAML
+from metaopt.checkpoint import load_checkpoint
+from metaopt.config import TrainerConfig
+from metaopt.datasets import Sinusoid
+from metaopt.episode import Episode
+from metaopt.logging import read_metrics, truncate_metrics
+from metaopt.meta_learner import MetaLearner
+from metaopt.models import MLP
+from metaopt.rules import sgd
+from metaopt.sampling import EpisodeSampler
+from metaopt.trainer import NonFiniteError
+
+
+def config(**changes) -> TrainerConfig:
+    settings = {"iterations": 20, "eval_every": 10, "eval_episodes": 20, "log_every": 5, "checkpoint_every": 5}
+    return TrainerConfig(**{**settings, **changes})
+
+
+def tasks(seed: int = 0, batch_size: int = 4) -> Sinusoid:
+    return Sinusoid(shots=5, query=10, batch_size=batch_size, seed=seed)
+
+
+def maml(hidden: tuple[int, ...] = (8,), **kwargs) -> MAML:
+    return MAML(MLP(1, 1, hidden=hidden), inner_lr=0.01, **kwargs)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+class CrashError(Exception):
+    """Stands for a crash in the middle of a run."""
+
+
+class CrashingTasks(Sinusoid):
+    """Sinusoid tasks whose batch ``crash_at`` raises, as if the process died there."""
+
+    def __init__(self, crash_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.crash_at = crash_at
+
+    def batch(self, index: int) -> Episode:
+        if index == self.crash_at:
+            raise CrashError
+        return super().batch(index)
+
+
+class NaNTasks(Sinusoid):
+    """Sinusoid tasks whose query targets are NaN for the batch indices in ``bad``."""
+
+    def __init__(self, bad, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bad = bad
+
+    def batch(self, index: int) -> Episode:
+        batch = super().batch(index)
+        if index in self.bad:
+            return Episode(batch.support_x, batch.support_y, batch.query_x, batch.query_y * math.nan, batched=True,
+                           validate=False)
+        return batch
+
+
+def test_fit_writes_a_complete_run_directory(tmp_path):
+    torch.manual_seed(0)
+    trainer = MetaTrainer(maml(), tasks(), config(), val_tasks=tasks(seed=1), run_dir=tmp_path)
+    summary = trainer.fit()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [5, 10, 15, 20]
+    for r in records:
+        assert {"train/loss", "train/query_loss_step0", "train/query_loss_step1", "train/grad_norm",
+                "train/nonfinite_skipped", "lr/meta", "lr/inner", "time/tasks_per_s", "time/elapsed_s"} <= set(r)
+        assert r["lr/meta"] == 1e-3 and r["lr/inner"] == pytest.approx(0.01)
+        assert r["train/query_loss_step1"] == pytest.approx(r["train/loss"])
+        assert ("val/mse" in r) == (r["iteration"] in (10, 20)) == ("val/mse_ci95" in r)
+    assert summary["iteration"] == 20 and summary["nonfinite_skipped"] == 0
+    assert summary["val"]["metric"] == "mse" and summary["val"]["mean"] == records[-1]["val/mse"]
+    assert summary["train_loss"] == records[-1]["train/loss"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 20
+
+
+def test_tensorboard_gets_every_figure_and_the_hparams(tmp_path):
+    MetaTrainer(maml(), tasks(), config(iterations=10), val_tasks=tasks(seed=1), run_dir=tmp_path).fit()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/query_loss_step0", "train/query_loss_step1", "val/mse", "val/mse_ci95",
+            "time/tasks_per_s", "lr/meta", "lr/inner", "hparam/best_val"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_iteration_i_trains_on_batch_i_with_adam(tmp_path):
+    torch.manual_seed(0)
+    learner, reference = maml(), maml()
+    reference.load_state_dict(learner.state_dict())
+    sampler = tasks()
+    MetaTrainer(learner, sampler, config(iterations=3, meta_lr=0.01), run_dir=None).fit()
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for i in range(3):
+        optimizer.zero_grad()
+        reference.meta_loss(sampler.batch(i))[0].backward()
+        optimizer.step()
+    for a, b in zip(learner.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_track_steps_only_on_logging_iterations(monkeypatch):
+    learner = maml()
+    seen = []
+    meta_loss = learner.meta_loss
+
+    def spy(batch, track_steps=False):
+        seen.append(track_steps)
+        return meta_loss(batch, track_steps=track_steps)
+
+    monkeypatch.setattr(learner, "meta_loss", spy)
+    MetaTrainer(learner, tasks(), config(iterations=12, log_every=4)).fit()
+    assert [i + 1 for i, tracked in enumerate(seen) if tracked] == [4, 8, 12]
+
+
+def _one_sgd_step(**clipping) -> tuple[dict, dict, dict]:
+    """Parameters before and after one SGD(lr=1) meta-step, and the unclipped meta-gradient."""
+    torch.manual_seed(0)
+    learner = maml()
+    before = {k: v.detach().clone() for k, v in learner.named_parameters()}
+    probe = maml()
+    probe.load_state_dict(learner.state_dict())
+    probe.meta_loss(tasks().batch(0))[0].backward()
+    grads = {k: v.grad for k, v in probe.named_parameters()}
+    MetaTrainer(learner, tasks(), config(iterations=1, meta_optimizer="sgd", meta_lr=1.0, **clipping)).fit()
+    after = {k: v.detach() for k, v in learner.named_parameters()}
+    return before, after, grads
+
+
+def test_clipping_by_global_norm():
+    before, after, grads = _one_sgd_step(grad_clip=1e-3)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    assert norm > 1e-3
+    for name, g in grads.items():
+        torch.testing.assert_close(after[name], before[name] - g * 1e-3 / (norm + 1e-6))
+
+
+def test_clipping_by_value():
+    before, after, grads = _one_sgd_step(grad_clip_value=1e-4)
+    for name, g in grads.items():
+        torch.testing.assert_close(after[name], before[name] - g.clamp(-1e-4, 1e-4))
+    assert any((g.abs() > 1e-4).any() for g in grads.values())
+
+
+def test_cosine_schedule_anneals_the_meta_lr(tmp_path):
+    MetaTrainer(maml(), tasks(), config(lr_schedule="cosine", meta_lr=0.1, log_every=1), run_dir=tmp_path).fit()
+    rates = [r["lr/meta"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert rates[0] == pytest.approx(0.1 * (1 + math.cos(math.pi / 20)) / 2)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_best_checkpoint_has_the_lowest_mse(tmp_path):
+    learner = maml(hidden=(16,))
+    MetaTrainer(learner, tasks(), config(iterations=30, eval_every=3, meta_lr=0.02), val_tasks=tasks(seed=1),
+                run_dir=tmp_path).fit()
+    evaluated = [(r["val/mse"], r["iteration"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "val/mse" in r]
+    assert len({mse for mse, _ in evaluated}) > 1
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best"]["metric"] == "mse"
+    assert (best["best"]["value"], best["iteration"]) == min(evaluated)
+    assert best["best"]["iteration"] == best["iteration"]
+
+
+def test_best_checkpoint_has_the_highest_accuracy(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = {c: torch.randn(1, 4, generator=generator) + 0.3 * torch.randn(12, 4, generator=generator)
+            for c in range(6)}
+    train = EpisodeSampler(data, ways=3, shots=1, query=3, batch_size=4, seed=0)
+    val = EpisodeSampler(data, ways=3, shots=1, query=3, batch_size=10, seed=1)
+    learner = MetaLearner(MLP(4, 3, hidden=(8,)), sgd(0.5))
+    summary = MetaTrainer(learner, train, config(iterations=30, eval_every=3, meta_lr=0.05), val_tasks=val,
+                          run_dir=tmp_path).fit()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    evaluated = [(r["val/accuracy"], -r["iteration"]) for r in records if "val/accuracy" in r]
+    assert len({acc for acc, _ in evaluated}) > 1
+    best_accuracy, minus_iteration = max(evaluated)  # the first of equal accuracies
+    assert summary["best"]["metric"] == "accuracy"
+    assert (summary["best"]["value"], summary["best"]["iteration"]) == (best_accuracy, -minus_iteration)
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == -minus_iteration
+    assert all("train/accuracy" in r for r in records if "train/loss" in r)
+
+
+def _dropout_maml() -> MAML:
+    """A learner that draws from the global torch generator at every forward pass."""
+    return MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1)), inner_lr=0.01)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    settings = config(iterations=20, log_every=4, checkpoint_every=5, eval_every=7)
+    torch.manual_seed(0)
+    reference = MetaTrainer(_dropout_maml(), tasks(), settings, val_tasks=tasks(seed=1), run_dir=tmp_path / "ref")
+    reference.fit()
+
+    torch.manual_seed(0)
+    crashing = MetaTrainer(_dropout_maml(), CrashingTasks(crash_at=13, shots=5, batch_size=4, seed=0), settings,
+                           val_tasks=tasks(seed=1), run_dir=tmp_path / "run")
+    with pytest.raises(CrashError):
+        crashing.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 10
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["iteration"] == 12  # written after the checkpoint
+
+    torch.manual_seed(1234)  # a different model and random state: the checkpoint must restore everything
+    resumed = MetaTrainer(_dropout_maml(), tasks(), settings, val_tasks=tasks(seed=1), run_dir=tmp_path / "run")
+    summary = resumed.fit(resume=True)
+
+    assert summary["iteration"] == 20
+    for a, b in zip(resumed.algorithm.parameters(), reference.algorithm.parameters()):
+        assert torch.equal(a, b)
+    ref_metrics = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert without_timing(read_metrics(tmp_path / "run" / "metrics.jsonl")) == without_timing(ref_metrics)
+    ref_best, run_best = (load_checkpoint(tmp_path / d / "best.pt") for d in ("ref", "run"))
+    assert ref_best["best"] == run_best["best"]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 16, 20]  # the events after 10 were purged
+
+
+def test_a_nonfinite_meta_batch_is_skipped_and_counted(tmp_path):
+    trainer = MetaTrainer(maml(), NaNTasks(bad={2}, shots=5, batch_size=4, seed=0), config(iterations=6, log_every=1),
+                          run_dir=tmp_path)
+    summary = trainer.fit()
+    assert summary["nonfinite_skipped"] == 1
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["train/nonfinite_skipped"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["train/loss"] is None and records[2]["train/grad_norm"] is None
+    assert all(s["step"] == 5 for s in trainer.optimizer.state.values())  # no optimizer step on the skipped batch
+
+
+def test_a_nonfinite_meta_gradient_is_skipped():
+    learner = MAML(MLP(1, 1, hidden=(8,)), inner_lr=0.01, learn_inner_lr=True)
+    learner.rule.lr.register_hook(lambda grad: grad * math.nan)  # finite loss, NaN meta-gradient
+    before = [p.detach().clone() for p in learner.parameters()]
+    with pytest.raises(NonFiniteError, match="NaN or infinite for 3 meta-batches in a row \\(iterations 1..3\\)"):
+        MetaTrainer(learner, tasks(), config(iterations=5, max_nonfinite=3)).fit()
+    assert all(torch.equal(a, b) for a, b in zip(learner.parameters(), before))
+
+
+def test_too_many_nonfinite_meta_batches_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    reference = maml()
+    trainer_model = maml()
+    trainer_model.load_state_dict(reference.state_dict())
+    MetaTrainer(reference, tasks(), config(iterations=7), run_dir=tmp_path / "good").fit()  # the good iterations
+
+    trainer = MetaTrainer(trainer_model, NaNTasks(bad=range(7, 100), shots=5, batch_size=4, seed=0),
+                          config(iterations=40, max_nonfinite=4), run_dir=tmp_path / "bad")
+    with pytest.raises(NonFiniteError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert "for 4 meta-batches in a row (iterations 8..11)" in message
+    assert f"{tmp_path / 'bad' / 'last.pt'} (iteration 10), is intact" in message
+    assert "grad_clip" in message and "max_nonfinite" in message
+    kept = load_checkpoint(tmp_path / "bad" / "last.pt")  # skipped batches leave the parameters of iteration 7
+    assert kept["iteration"] == 10 and kept["nonfinite"] == {"total": 3, "in_a_row": 3}
+    good = load_checkpoint(tmp_path / "good" / "last.pt")["model"]
+    assert all(torch.equal(kept["model"][k], good[k]) for k in good)
+    assert read_metrics(tmp_path / "bad" / "metrics.jsonl")[-1]["iteration"] == 10
+
+
+def test_fit_without_run_dir_keeps_nothing_on_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = MetaTrainer(maml(), tasks(), config(iterations=4, eval_every=2), val_tasks=tasks(seed=1)).fit()
+    assert summary["best"]["metric"] == "mse" and summary["iteration"] == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_optimizer_choice():
+    assert isinstance(MetaTrainer(maml(), tasks(), config(meta_optimizer="sgd")).optimizer, torch.optim.SGD)
+    assert isinstance(MetaTrainer(maml(), tasks(), config()).optimizer, torch.optim.Adam)
+
+
+def test_metrics_of_a_killed_writer_are_read_and_truncated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 5, "train/loss": 1.0}\n{"iteration": 10, "train/loss": null}\n{"iteration": 15, "tr')
+    assert read_metrics(path) == [{"iteration": 5, "train/loss": 1.0}, {"iteration": 10, "train/loss": None}]
+    truncate_metrics(path, 5)
+    assert path.read_text() == '{"iteration": 5, "train/loss": 1.0}\n'
+    path.write_text('{"iteration": 5}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2 is not valid JSON"):
+        read_metrics(path)
