@@ -68,7 +68,7 @@ def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 600, st
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    steps = steps or learner.eval_inner_steps
+    steps = learner.eval_inner_steps if steps is None else steps
     device = device or next(learner.parameters()).device
     values: list[torch.Tensor] = []
     classification = None

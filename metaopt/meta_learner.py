@@ -64,6 +64,12 @@ def default_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(prediction, target)
 
 
+def _check_steps(steps: int) -> int:
+    if steps < 1:
+        raise ValueError(f"the inner loop needs at least one step, got steps={steps}")
+    return steps
+
+
 def _as_parameter(value: float | torch.Tensor) -> nn.Parameter:
     """``value`` as a meta-parameter: an ``nn.Parameter`` is kept, a tensor or float becomes one."""
     if isinstance(value, nn.Parameter):
@@ -222,7 +228,7 @@ class MetaLearner(nn.Module):
         """
         if not batch.is_batched:
             batch = Episode.stack([batch])
-        steps = steps or self.inner_steps
+        steps = _check_steps(self.inner_steps if steps is None else steps)
         weights = self.step_weights if steps == self.inner_steps and not final_step_only else None
         with batchnorm_policy(self.model, self.bn_policy):
             return self.inner.run_tasks(named_params(self.model), *batch.tensors(), steps=steps, weights=weights,
@@ -236,7 +242,7 @@ class MetaLearner(nn.Module):
         """
         if episode.is_batched:
             raise ValueError("adapt takes a single-task episode; index the batch (batch[i]) or use meta_loss")
-        steps = steps or self.eval_inner_steps
+        steps = _check_steps(self.eval_inner_steps if steps is None else steps)
         with batchnorm_policy(self.model, self.bn_policy):
             path = self.inner.adapt(named_params(self.model), episode.support_x, episode.support_y, steps)
         return AdaptedModel(self.model, path[-1], self.bn_policy)
@@ -244,4 +250,4 @@ class MetaLearner(nn.Module):
     @torch.no_grad()
     def evaluate(self, batch: Episode, steps: int | None = None) -> TaskOutputs:
         """Per-task query losses and accuracies after ``eval_inner_steps`` steps, without meta-gradients."""
-        return self.task_outputs(batch, steps or self.eval_inner_steps, final_step_only=True)
+        return self.task_outputs(batch, self.eval_inner_steps if steps is None else steps, final_step_only=True)

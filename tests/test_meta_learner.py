@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaopt.algorithms import MAML
 from metaopt.batchnorm import batchnorm_policy
+from metaopt.datasets import Sinusoid
 from metaopt.episode import Episode
 from metaopt.functional import model_call
 from metaopt.higher_backend import HigherLoop
@@ -192,3 +194,12 @@ def test_hand_built_regression_episode() -> None:
     loss, metrics = learner.meta_loss(task)
     loss.backward()
     assert metrics.keys() == {"loss"} and learner.model[0].weight.grad is not None
+
+
+def test_zero_steps_is_an_error_not_the_default() -> None:
+    learner = MAML(MLP(1, 1, hidden=(4,)), inner_lr=0.01)
+    batch = Sinusoid(shots=3, query=3, batch_size=2).batch(0)
+    with pytest.raises(ValueError, match="at least one step"):
+        learner.meta_loss(batch, steps=0)
+    with pytest.raises(ValueError, match="at least one step"):
+        learner.adapt(batch[0], steps=0)
