@@ -181,7 +181,11 @@ class ExperimentConfig(TrainerConfig):
         dataset: registered dataset name (``metaopt.registry.dataset_names()``).
         ways: classes per task (classification datasets; ``None`` for regression).
         shots: support examples per class (per task for regression): the K of K-shot.
-        query: query examples per class (per task for regression).
+        query: query examples per class (per task for regression) of the meta-training tasks.
+        eval_query: query examples per class of the validation and test tasks (``None``:
+            ``query``); few-shot benchmarks score 15 per class whatever the training query.
+        protocol: class split of the dataset, e.g. ``"maml"`` or ``"vinyals"`` for Omniglot
+            (ignored by generated tasks).
         model: backbone, ``"mlp"`` or ``"conv4"`` (:mod:`metaopt.models`).
         hidden: hidden layer sizes of the MLP.
         filters: channels of each Conv4 convolution (64 Omniglot, 32 miniImageNet).
@@ -207,6 +211,8 @@ class ExperimentConfig(TrainerConfig):
     ways: int | None = None
     shots: int = 10
     query: int = 10
+    eval_query: int | None = None
+    protocol: str = "maml"
     model: str = "mlp"
     hidden: tuple[int, ...] = (40, 40)
     filters: int = 64
@@ -225,7 +231,9 @@ class ExperimentConfig(TrainerConfig):
 
     def _check(self) -> None:
         super()._check()
-        for name in ("ways", "shots", "query", "filters", "inner_lr", "inner_steps", "eval_inner_steps", "meta_batch"):
+        positive = ("ways", "shots", "query", "eval_query", "filters", "inner_lr", "inner_steps", "eval_inner_steps",
+                    "meta_batch")
+        for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {value}")

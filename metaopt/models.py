@@ -21,15 +21,16 @@ class Conv4(nn.Sequential):
     """Four blocks of [3x3 conv, batch norm, ReLU, 2x2 down-sampling], then a linear classifier.
 
     The network of Vinyals et al. (2016) as used by MAML (Finn et al. 2017, §5.2): 64 filters on
-    Omniglot, 32 on miniImageNet. ``strided=True`` replaces max-pooling by stride-2
-    convolutions (MAML's Omniglot variant).
+    Omniglot, 32 on miniImageNet (48 in MAML++). ``strided=True`` is MAML's Omniglot variant:
+    stride-2 convolutions instead of max-pooling, and the feature map averaged over its
+    positions before the classifier (cbfinn/maml ``utils.py``, ``forward_conv``).
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
         num_classes: outputs of the classifier (the ways).
         hidden: filters per convolution.
         image_size: side of the square input (28 Omniglot, 84 miniImageNet).
-        strided: stride-2 convolutions instead of max-pooling.
+        strided: stride-2 convolutions and global average pooling instead of max-pooling.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 5, hidden: int = 64, image_size: int = 28,
@@ -45,6 +46,9 @@ class Conv4(nn.Sequential):
             size = (size + 1) // 2 if strided else size // 2
         if size < 1:
             raise ValueError(f"image_size={image_size} is too small for four down-sampling blocks")
+        if strided:
+            blocks.append(nn.AdaptiveAvgPool2d(1))
+            size = 1
         super().__init__(*blocks, nn.Flatten(), nn.Linear(hidden * size * size, num_classes))
 
 

@@ -12,7 +12,19 @@ maml-sinusoid-5shot        MAML sinusoid, K = 5: MLP 40-40 ReLU, 1 inner step of
                            points (Finn et al. 2017, §5.1; cbfinn/maml ``main.py``)
 maml-sinusoid-10shot       the same with K = 10
 fomaml-sinusoid-10shot     first-order MAML (Finn et al. 2017, §5.2) on the K = 10 setting
+maml-omniglot-5w1s         Conv4 64 filters, strided (MAML's Omniglot net), 1 inner step of
+maml-omniglot-5w5s         lr 0.4 (3 at test), Adam 1e-3, meta-batch 32, 60000 iterations,
+                           K query examples per class at training (Finn et al. 2017, §5.2, A.1)
+maml-omniglot-20w1s        the same with 5 inner steps of lr 0.1 (5 at test), meta-batch 16
+maml-omniglot-20w5s
+maml-miniimagenet-5w1s     Conv4 32 filters, max-pool, 84x84; 5 inner steps of lr 0.01 (10 at
+maml-miniimagenet-5w5s     test), meta-batch 4 (1-shot) / 2 (5-shot), 15 query examples per
+                           class, meta-gradient clipped to [-10, 10], 60000 iterations
 =========================  ================================================================
+
+The few-shot presets evaluate on 600 test tasks with 15 query examples per class
+(``eval_query``; ``--eval-query 1`` or ``5`` gives the paper's K-query test protocol) and the
+MAML split of Omniglot (1200 training characters x 4 rotations, 423 test characters).
 
 Evaluation uses 600 held-out tasks drawn with a seed different from the training tasks'
 (cbfinn/maml ``main.py``, ``NUM_TEST_POINTS``) and one inner step, the setting of the paper's
