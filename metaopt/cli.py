@@ -1,4 +1,4 @@
-"""Command line: ``metaopt train`` and ``metaopt eval``.
+"""Command line: ``metaopt train``, ``metaopt eval`` and ``metaopt compare``.
 
 Every field of :class:`metaopt.config.ExperimentConfig` is an option (``inner_lr`` is
 ``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none`` clears an
@@ -10,7 +10,9 @@ Examples::
     metaopt train --preset maml-sinusoid-10shot
     metaopt train --preset maml-sinusoid-5shot --inner-lr 0.02 --iterations 1000 --run-dir runs/try
     metaopt train --resume runs/try                  # continue a stopped run exactly
+    metaopt train --preset maml-sinusoid-10shot --time-budget 30   # stop after 30 minutes of training
     metaopt eval --run runs/try --checkpoint best --episodes 600 --steps 10
+    metaopt compare runs/maml-* runs/fomaml-* --out runs/compare.png   # table of results, chart of curves
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from metaopt.checkpoint import CheckpointError
+from metaopt.compare import RunDirError, load_run, markdown_table, plot_runs
 from metaopt.config import ConfigError, ExperimentConfig, TrainerConfig, load_preset, preset_names
 from metaopt.experiment import default_run_dir, evaluate_run, train
 from metaopt.trainer import RESUMABLE_CHANGES, NonFiniteError
@@ -94,9 +97,9 @@ def _add_field_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``metaopt`` argument parser (subcommands ``train`` and ``eval``)."""
+    """The ``metaopt`` argument parser (subcommands ``train``, ``eval`` and ``compare``)."""
     parser = _Parser(prog="metaopt", allow_abbrev=False,
-                     description="Optimization-based meta-learning: train and evaluate runs.")
+                     description="Optimization-based meta-learning: train, evaluate and compare runs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train_parser = commands.add_parser(
@@ -124,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--steps", type=int, help="inner steps (default: the run's eval_inner_steps)")
     eval_parser.add_argument("--split", choices=("test", "val"), default="test", help="task split (default: test)")
     eval_parser.set_defaults(subparser=eval_parser)
+
+    compare_parser = commands.add_parser(
+        "compare", allow_abbrev=False, help="compare runs: a table of their results, a chart of their curves",
+        description="Print a Markdown table with one row per run (config, result ± 95%% CI with its protocol from "
+                    "final.json or eval.json, training time, tasks/s, iterations) and write a PNG chart of the "
+                    "validation metric by iteration and by training time, and of the training loss.")
+    compare_parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to compare")
+    compare_parser.add_argument("--out", type=Path, default=Path("compare.png"), metavar="PNG",
+                                help="chart file to write (default: compare.png)")
+    compare_parser.add_argument("--metric", help="validation figure to plot, e.g. val/accuracy (default: the first "
+                                                 "run's, val/mse or val/accuracy)")
+    compare_parser.set_defaults(subparser=compare_parser)
     return parser
 
 
@@ -159,6 +174,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    runs = [load_run(path) for path in args.runs]
+    plot_runs(runs, args.out, args.metric)
+    print(markdown_table(runs))
+    print(f"chart written to {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -166,11 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return _train(args) if args.command == "train" else _eval(args)
+        return {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
     except ConfigError as err:
         print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteError) as err:
+    except (CheckpointError, NonFiniteError, RunDirError) as err:
         print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
         return 1
 

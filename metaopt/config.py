@@ -75,10 +75,13 @@ def _conform(name: str, value: Any, hint: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """The outer loop: meta-optimizer, gradient clipping, evaluation, checkpoints and logging.
+    """The outer loop: length, meta-optimizer, gradient clipping, evaluation, checkpoints and logging.
 
     Args:
         iterations: meta-updates (meta-batches) in the run.
+        time_budget: also stop after the meta-update during which this many minutes of training
+            time have passed (``None``: no limit). Training time is the wall time of the
+            meta-updates alone; validation, checkpoints and logging do not count.
         meta_optimizer: ``"adam"`` (MAML's) or ``"sgd"``.
         meta_lr: learning rate of the meta-optimizer.
         lr_schedule: ``"constant"``, or ``"cosine"`` annealing to 0 over ``iterations``
@@ -95,6 +98,7 @@ class TrainerConfig:
     """
 
     iterations: int = 70000
+    time_budget: float | None = None
     meta_optimizer: str = "adam"
     meta_lr: float = 1e-3
     lr_schedule: str = "constant"
@@ -113,8 +117,8 @@ class TrainerConfig:
         self._check()
 
     def _check(self) -> None:
-        positive = ("iterations", "eval_every", "eval_episodes", "checkpoint_every", "log_every", "max_nonfinite",
-                    "meta_lr", "grad_clip", "grad_clip_value")
+        positive = ("iterations", "time_budget", "eval_every", "eval_episodes", "checkpoint_every", "log_every",
+                    "max_nonfinite", "meta_lr", "grad_clip", "grad_clip_value")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -174,7 +174,8 @@ def train(config: ExperimentConfig, run_dir: str | Path | None = None, resume: b
 
     Returns:
         The content of ``final.json``: the test ``result`` (dict and ``summary`` string), the
-        checkpoint it used, and the trainer's ``train`` summary.
+        checkpoint it used, and the trainer's ``train`` summary (:meth:`MetaTrainer.fit`: final
+        iteration, ``stopped_by`` iterations or time budget, training and total wall time).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     if not resume:

@@ -8,6 +8,14 @@ row stop the run with :class:`NonFiniteError`. Every ``eval_every`` iterations t
 evaluated on held-out tasks (mean ± 95% interval, :func:`metaopt.evaluation.evaluate`) and the
 best one is kept in ``best.pt``.
 
+The run ends after ``config.iterations`` meta-updates, or with ``config.time_budget`` after the
+meta-update during which the budget runs out; either way the last iteration is evaluated and
+checkpointed. The budget counts *training time*, the wall time of the meta-updates alone
+(sampling the meta-batch, meta-loss, meta-gradient, step): periodic validation, checkpoints and
+logging are left out, so runs that evaluate more or less often get the same training. Training
+time and total wall time are logged (``time/train_s``, ``time/elapsed_s``), kept in the
+checkpoints, and carried on by a resumed run.
+
 A run directory holds ``config.json``, ``metrics.jsonl``, TensorBoard events, ``last.pt``
 and ``best.pt``. ``fit(resume=True)`` restores ``last.pt`` (parameters, optimizer and
 schedule, counters, random states) and continues exactly as an uninterrupted run would.
@@ -56,35 +64,52 @@ from metaopt.sampling import TaskSampler
 __all__ = ["RESUMABLE_CHANGES", "MetaTrainer", "NonFiniteError"]
 
 HIGHER_IS_BETTER = ("accuracy",)
-RESUMABLE_CHANGES = ("iterations", "device")  # config fields a resumed run may change (extend it, move it)
+RESUMABLE_CHANGES = ("iterations", "time_budget", "device")  # config fields a resumed run may change
 _STATE_KEYS = ("algorithm", "meta_optimizer", "iteration", "model", "optimizer", "scheduler", "best", "nonfinite",
-               "rng")
+               "time", "rng")
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive meta-batches had a non-finite meta-loss or meta-gradient."""
 
 
-class _Throughput:
-    """Tasks per second of the meta-updates since the last reading, and wall time since the start."""
+class _Clock:
+    """Training time (meta-updates only) and total wall time of a run, and the throughput of its meta-updates.
 
-    def __init__(self) -> None:
-        self._started = time.perf_counter()
-        self._seconds = 0.0
+    Args:
+        train_s: training time already spent (a resumed run).
+        total_s: total wall time already spent (a resumed run).
+    """
+
+    def __init__(self, train_s: float = 0.0, total_s: float = 0.0) -> None:
+        self.train_s = train_s
+        self._started = time.perf_counter() - total_s
+        self._seconds = 0.0  # meta-update time and tasks since the last throughput reading
         self._tasks = 0
+
+    @property
+    def total_s(self) -> float:
+        return time.perf_counter() - self._started
 
     @contextlib.contextmanager
     def measure(self, tasks: int) -> Iterator[None]:
+        """Count the time of the block, a meta-update on ``tasks`` tasks, as training time."""
         tic = time.perf_counter()
         yield
-        self._seconds += time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        self.train_s += seconds
+        self._seconds += seconds
         self._tasks += tasks
 
-    def read(self) -> dict[str, float]:
-        figures = {"time/tasks_per_s": self._tasks / self._seconds,
-                   "time/elapsed_s": time.perf_counter() - self._started}
+    def throughput(self) -> dict[str, float]:
+        """Tasks per second of the meta-updates since the last call."""
+        figures = {"time/tasks_per_s": self._tasks / self._seconds}
         self._seconds, self._tasks = 0.0, 0
         return figures
+
+    def read(self) -> dict[str, float]:
+        """Training time and total wall time so far, in seconds."""
+        return {"train_s": self.train_s, "total_s": self.total_s}
 
 
 class MetaTrainer:
@@ -121,12 +146,13 @@ class MetaTrainer:
         self.iteration = 0
         self.best: dict[str, Any] | None = None
         self.nonfinite = {"total": 0, "in_a_row": 0}
+        self._clock = _Clock()
         self._saved_iteration: int | None = None
 
     # ----------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: meta-parameters, optimizer, schedule, counters, random states."""
+        """Everything a resumed run needs: meta-parameters, optimizer, schedule, counters, times, random states."""
         return {
             "algorithm": type(self.algorithm).__name__,
             "meta_optimizer": self.config.meta_optimizer,
@@ -136,6 +162,7 @@ class MetaTrainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "best": self.best,
             "nonfinite": dict(self.nonfinite),
+            "time": self._clock.read(),
             "rng": capture_rng_state(),
         }
 
@@ -162,6 +189,7 @@ class MetaTrainer:
         self.iteration = int(state["iteration"])
         self.best = state["best"]
         self.nonfinite = dict(state["nonfinite"])
+        self._clock = _Clock(**state["time"])
         restore_rng_state(state["rng"])
         self._saved_iteration = self.iteration
 
@@ -173,11 +201,13 @@ class MetaTrainer:
     # ------------------------------------------------------------------------------------- run
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train until ``config.iterations``; with ``resume``, continue from ``run_dir/last.pt``.
+        """Train until ``config.iterations`` or ``config.time_budget``; ``resume`` continues ``run_dir/last.pt``.
 
         Returns:
-            Final figures: ``iteration``, ``train_loss`` (last iteration), ``val`` (last
-            evaluation: metric, mean, ci95), ``best`` (metric, value, iteration) and
+            Final figures: ``iteration``, ``stopped_by`` (``"iterations"`` or ``"time_budget"``),
+            ``time`` (``train_s``: training time, ``total_s``: total wall time, both in seconds
+            and over all the sessions of a resumed run), ``train_loss`` (last iteration), ``val``
+            (last evaluation: metric, mean, ci95), ``best`` (metric, value, iteration) and
             ``nonfinite_skipped``.
 
         Raises:
@@ -188,27 +218,38 @@ class MetaTrainer:
         if resume:
             self._resume()
         else:
+            self._clock = _Clock()  # the run starts now, not when the trainer was built
             self._start()
         summary: dict[str, Any] = {"train_loss": None, "val": None}
-        clock = _Throughput()
         with RunLogger(self.run_dir, total=self.config.iterations, start=self.iteration) as log:
-            while self.iteration < self.config.iterations:
-                summary["train_loss"], val = self._iterate(log, clock)
+            while self.iteration < self.config.iterations and not self._out_of_time():
+                summary["train_loss"], val = self._iterate(log)
                 summary["val"] = val or summary["val"]
-            summary.update(iteration=self.iteration, best=self.best, nonfinite_skipped=self.nonfinite["total"])
+            stopped_by = "iterations" if self.iteration >= self.config.iterations else "time_budget"
+            summary.update(iteration=self.iteration, stopped_by=stopped_by, best=self.best,
+                           nonfinite_skipped=self.nonfinite["total"])
             figures = {"train_loss": summary["train_loss"], "best_val": self.best["value"] if self.best else None}
             log.log_hparams(self.config.to_dict(), {k: v for k, v in figures.items() if v is not None})
+        summary["time"] = self._clock.read()
         return summary
 
-    def _iterate(self, log: RunLogger, clock: _Throughput) -> tuple[float, dict[str, Any] | None]:
-        """One meta-update, then logging, evaluation and checkpoints when due; the loss and the evaluation."""
+    def _out_of_time(self) -> bool:
+        budget = self.config.time_budget
+        return budget is not None and self._clock.train_s >= 60 * budget
+
+    def _iterate(self, log: RunLogger) -> tuple[float, dict[str, Any] | None]:
+        """One meta-update, then logging, evaluation and checkpoints when due; the loss and the evaluation.
+
+        Whether the time budget runs out is known after the meta-update only, so the per-step
+        query losses (``track_steps``) of that last iteration are logged only if it was due to log.
+        """
         config = self.config
         done = self.iteration + 1
-        last = done == config.iterations
-        logging_now = done % config.log_every == 0 or last
-        with clock.measure(tasks=self.train_tasks.batch_size):
-            metrics = self._train_step(track_steps=logging_now)
-        record = {**metrics, **self._learning_rates(), **clock.read()} if logging_now else {}
+        tracking = done % config.log_every == 0 or done == config.iterations
+        with self._clock.measure(tasks=self.train_tasks.batch_size):
+            metrics = self._train_step(track_steps=tracking)
+        last = done == config.iterations or self._out_of_time()
+        record = {**metrics, **self._learning_rates(), **self._clock.throughput()} if tracking or last else {}
         val, new_best = None, False
         if self.val_tasks is not None and (done % config.eval_every == 0 or last):
             result = evaluate(self.algorithm, self.val_tasks, config.eval_episodes, device=self.device)
@@ -216,7 +257,8 @@ class MetaTrainer:
             val = {"metric": result.metric, "mean": result.mean, "ci95": result.ci95}
             new_best = self._update_best(result)
         if record:
-            log.log(done, record)
+            times = self._clock.read()
+            log.log(done, {**record, "time/train_s": times["train_s"], "time/elapsed_s": times["total_s"]})
         if new_best:
             self._save("best.pt")
         if new_best or done % config.checkpoint_every == 0 or last:

@@ -167,6 +167,23 @@ def test_resume_keeps_the_config_but_may_extend_the_run(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["iterations"] == 9
 
 
+def test_a_time_budget_stops_the_run_early_and_still_scores_it(tmp_path):
+    run = tmp_path / "run"
+    long = ["--iterations", "100000", "--eval-every", "100000", "--checkpoint-every", "100000", "--log-every", "100"]
+    assert main(["train", *TINY, *long, "--time-budget", "0.002", "--run-dir", str(run)]) == 0
+    final = json.loads((run / "final.json").read_text())
+    summary = final["train"]
+    assert summary["stopped_by"] == "time_budget" and 1 <= summary["iteration"] < 100000
+    assert 0.12 <= summary["time"]["train_s"] < summary["time"]["total_s"]
+    assert (final["split"], final["checkpoint"], final["checkpoint_iteration"]) == ("test", "best.pt",
+                                                                                    summary["iteration"])
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["iteration"] == summary["iteration"] and "val/mse" in last
+    assert main(["train", "--resume", str(run), "--time-budget", "0.004"]) == 0  # the budget may grow on resume
+    resumed = json.loads((run / "final.json").read_text())["train"]
+    assert resumed["iteration"] > summary["iteration"] and resumed["time"]["train_s"] >= 0.24
+
+
 def test_existing_run_is_not_overwritten(finished_run, capsys):
     assert main(["train", *TINY, "--run-dir", str(finished_run)]) == 1
     assert "already holds a run" in capsys.readouterr().err
@@ -232,4 +249,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
                    for i, s in theirs["optimizer"]["state"].items())
     assert without_timing(read_metrics(run / "metrics.jsonl")) == without_timing(read_metrics(ref / "metrics.jsonl"))
     final_ours, final_theirs = (json.loads((d / "final.json").read_text()) for d in (run, ref))
-    assert final_ours["result"] == final_theirs["result"] and final_ours["train"] == final_theirs["train"]
+    assert final_ours["result"] == final_theirs["result"]
+    untimed = [{k: v for k, v in final["train"].items() if k != "time"} for final in (final_ours, final_theirs)]
+    assert untimed[0] == untimed[1]

@@ -26,7 +26,7 @@ def test_required_fields_exist():
     required = {"algorithm", "dataset", "ways", "shots", "query", "model", "hidden", "inner_lr", "inner_steps",
                 "eval_inner_steps", "first_order", "adapt", "strategy", "bn_policy", "meta_lr", "meta_batch",
                 "iterations", "grad_clip", "grad_clip_value", "eval_every", "eval_episodes", "checkpoint_every",
-                "log_every", "seed", "device", "max_nonfinite", "meta_optimizer"}
+                "log_every", "seed", "device", "max_nonfinite", "meta_optimizer", "time_budget"}
     assert required <= set(ExperimentConfig.field_names())
 
 
@@ -50,6 +50,8 @@ def test_trainer_config_rejects_experiment_keys():
 @pytest.mark.parametrize(("changes", "pattern"), [
     ({"meta_lr": -1.0}, "'meta_lr' must be > 0, got -1.0"),
     ({"iterations": 0}, "'iterations' must be > 0, got 0"),
+    ({"time_budget": 0}, "'time_budget' must be > 0, got 0.0"),
+    ({"time_budget": "1h"}, "'time_budget' must be float, got '1h' \\(str\\)"),
     ({"inner_lr": 0}, "'inner_lr' must be > 0"),
     ({"grad_clip": -2}, "'grad_clip' must be > 0"),
     ({"eval_inner_steps": 0}, "'eval_inner_steps' must be > 0"),

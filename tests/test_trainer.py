@@ -1,9 +1,10 @@
 """Tests of metaopt/trainer.py (and the logging it drives): updates, clipping, evaluation, best
-checkpoint, exact resume, non-finite meta-batches."""
+checkpoint, exact resume, non-finite meta-batches, time budget."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ class CrashingTasks(Sinusoid):
         return super().batch(index)
 
 
+class SlowTasks(Sinusoid):
+    """Sinusoid tasks that take at least ``seconds`` to sample, so that time passes at a known pace."""
+
+    def __init__(self, seconds: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    def batch(self, index: int) -> Episode:
+        time.sleep(self.seconds)
+        return super().batch(index)
+
+
 class NaNTasks(Sinusoid):
     """Sinusoid tasks whose query targets are NaN for the batch indices in ``bad``."""
 
@@ -84,11 +97,14 @@ def test_fit_writes_a_complete_run_directory(tmp_path):
     assert [r["iteration"] for r in records] == [5, 10, 15, 20]
     for r in records:
         assert {"train/loss", "train/query_loss_step0", "train/query_loss_step1", "train/grad_norm",
-                "train/nonfinite_skipped", "lr/meta", "lr/inner", "time/tasks_per_s", "time/elapsed_s"} <= set(r)
+                "train/nonfinite_skipped", "lr/meta", "lr/inner", "time/tasks_per_s", "time/train_s",
+                "time/elapsed_s"} <= set(r)
+        assert 0 < r["time/train_s"] < r["time/elapsed_s"]
         assert r["lr/meta"] == 1e-3 and r["lr/inner"] == pytest.approx(0.01)
         assert r["train/query_loss_step1"] == pytest.approx(r["train/loss"])
         assert ("val/mse" in r) == (r["iteration"] in (10, 20)) == ("val/mse_ci95" in r)
-    assert summary["iteration"] == 20 and summary["nonfinite_skipped"] == 0
+    assert summary["iteration"] == 20 and summary["nonfinite_skipped"] == 0 and summary["stopped_by"] == "iterations"
+    assert summary["time"]["train_s"] == records[-1]["time/train_s"] < summary["time"]["total_s"]
     assert summary["val"]["metric"] == "mse" and summary["val"]["mean"] == records[-1]["val/mse"]
     assert summary["train_loss"] == records[-1]["train/loss"]
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 20
@@ -234,6 +250,46 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     events = EventAccumulator(str(tmp_path / "run"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 16, 20]  # the events after 10 were purged
+
+
+def test_time_budget_stops_after_the_meta_update_that_spends_it_and_leaves_validation_out(tmp_path):
+    budget_s = 0.1
+    trainer = MetaTrainer(maml(), SlowTasks(0.01, shots=5, batch_size=4, seed=0),
+                          config(iterations=1000, time_budget=budget_s / 60, log_every=1, eval_every=1),
+                          val_tasks=SlowTasks(0.05, shots=5, batch_size=20, seed=1), run_dir=tmp_path)
+    summary = trainer.fit()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    iterations = summary["iteration"]
+    assert summary["stopped_by"] == "time_budget" and 2 <= iterations <= 10  # >= 0.01 s per meta-update
+    assert [r["iteration"] for r in records] == list(range(1, iterations + 1))
+    before, last = records[-2], records[-1]
+    assert before["time/train_s"] < budget_s <= last["time/train_s"] == summary["time"]["train_s"]
+    assert before["time/elapsed_s"] > budget_s  # the 0.05 s validations did not count
+    assert summary["time"]["total_s"] > last["time/elapsed_s"] > 2 * last["time/train_s"]
+    assert "val/mse" in last and summary["val"]["mean"] == last["val/mse"]
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint["iteration"] == iterations and checkpoint["time"]["train_s"] == summary["time"]["train_s"]
+
+
+def test_a_resumed_run_continues_the_time_budget(tmp_path):
+    settings = config(iterations=1000, time_budget=0.1 / 60, log_every=1, eval_every=1000)
+
+    def fit(settings: TrainerConfig, resume: bool) -> dict:
+        slow = SlowTasks(0.01, shots=5, batch_size=4, seed=0)
+        return MetaTrainer(maml(), slow, settings, val_tasks=tasks(seed=1), run_dir=tmp_path).fit(resume=resume)
+
+    first = fit(settings, resume=False)
+    spent = load_checkpoint(tmp_path / "last.pt")["time"]
+    assert first["stopped_by"] == "time_budget" and spent["train_s"] == first["time"]["train_s"] >= 0.1
+    again = fit(settings, resume=True)  # nothing left to spend
+    assert (again["iteration"], again["stopped_by"], again["train_loss"]) == (first["iteration"], "time_budget", None)
+
+    longer = fit(settings.replace(time_budget=0.2 / 60), resume=True)
+    resumed = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["iteration"] > first["iteration"]]
+    assert [r["iteration"] for r in resumed] == list(range(first["iteration"] + 1, longer["iteration"] + 1))
+    assert resumed[0]["time/train_s"] > spent["train_s"] and resumed[0]["time/elapsed_s"] > spent["total_s"]
+    assert resumed[-2]["time/train_s"] < 0.2 <= resumed[-1]["time/train_s"] == longer["time"]["train_s"]
+    assert longer["stopped_by"] == "time_budget" and longer["time"]["total_s"] > first["time"]["total_s"]
 
 
 def test_a_nonfinite_meta_batch_is_skipped_and_counted(tmp_path):

@@ -1,0 +1,239 @@
+"""Compare runs side by side: a Markdown table of their results and a chart of their learning curves.
+
+A run directory written by :func:`metaopt.experiment.train` (``metaopt train``) tells what was
+trained (``config.json``: algorithm, first-order or not, dataset, ways, shots), how well it did (``final.json``: the
+best checkpoint on the test tasks, or else ``eval.json`` from ``metaopt eval``), and how training
+went (``metrics.jsonl``: curves, training time, tasks per second, iterations). The chart has three
+panels: the validation metric (with its 95% interval) against iteration and against training
+time (the wall time of the meta-updates alone, see :mod:`metaopt.trainer`), and the training
+loss against iteration.
+
+Example:
+    >>> import tempfile
+    >>> from metaopt.config import ExperimentConfig
+    >>> from metaopt.experiment import train
+    >>> config = ExperimentConfig(iterations=4, hidden=(8,), meta_batch=2, eval_every=2, eval_episodes=4)
+    >>> run = load_run(train(config, tempfile.mkdtemp())["run_dir"])
+    >>> run.iterations, run.evaluation_file, run.val_metrics()
+    (4, 'final.json', ['val/mse'])
+    >>> markdown_table([run]).splitlines()[2].split(" | ")[1:5]  # header, separator, then one row per run
+    ['maml', 'sinusoid', '-', '10']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from metaopt.logging import METRICS_FILE, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["RESULT_FILES", "Run", "RunDirError", "load_run", "markdown_table", "plot_runs"]
+
+RESULT_FILES = ("final.json", "eval.json")  # where a run's result is read from, in order of preference
+_COLUMNS = ("run", "algorithm", "dataset", "ways", "shots", "result (95% CI; protocol)", "evaluated", "train time",
+            "tasks/s", "iterations")
+_NUMERIC = {"ways", "shots", "train time", "tasks/s", "iterations"}  # right-aligned
+
+
+class RunDirError(RuntimeError):
+    """A run directory lacks a file or a figure that the comparison needs; the message names both."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a comparison reads from one run directory (:func:`load_run`).
+
+    Args:
+        path: the run directory; its name is the run's name.
+        config: the content of ``config.json``.
+        evaluation: the record of ``final.json`` or ``eval.json``: ``result``, ``summary`` (the
+            figure ± 95% interval with its protocol), ``split``, ``checkpoint``, ``checkpoint_iteration``.
+        evaluation_file: the file ``evaluation`` comes from.
+        records: the records of ``metrics.jsonl``, one per logged iteration.
+    """
+
+    path: Path
+    config: Mapping[str, Any]
+    evaluation: Mapping[str, Any]
+    evaluation_file: str
+    records: Sequence[Mapping[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def iterations(self) -> int:
+        """Meta-updates done (the last logged iteration: the trainer always logs its last one)."""
+        return int(self.records[-1]["iteration"])
+
+    @property
+    def train_s(self) -> float:
+        """Training time in seconds: the wall time of the meta-updates, without validation and checkpoints."""
+        return float(self.records[-1]["time/train_s"])
+
+    @property
+    def tasks_per_s(self) -> float:
+        """Mean of the logged meta-training throughputs (``time/tasks_per_s``)."""
+        rates = [r["time/tasks_per_s"] for r in self.records if r.get("time/tasks_per_s") is not None]
+        return sum(rates) / len(rates)
+
+    def val_metrics(self) -> list[str]:
+        """The validation figures the run logged (``val/mse``, ``val/accuracy``...), sorted."""
+        return sorted({k for r in self.records for k in r if k.startswith("val/") and not k.endswith("_ci95")})
+
+
+def _read_json(path: Path, run: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"run {run}: {path.name} is not valid JSON ({err}); the file was damaged or edited, "
+                          "write it again or leave the run out") from err
+    if not isinstance(content, dict):
+        raise RunDirError(f"run {run}: {path.name} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _require(mapping: Mapping[str, Any], keys: Sequence[str], file: str, run: Path) -> None:
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise RunDirError(f"run {run}: {file} lacks {missing}; compare reads run directories written by "
+                          "`metaopt train` (metaopt.experiment.train) with this metaopt version")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read ``config.json``, ``final.json`` (or ``eval.json``) and ``metrics.jsonl`` of a run directory.
+
+    Raises:
+        RunDirError: naming the run and the file that is missing, unreadable or incomplete.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunDirError(f"run {path}: no such directory; pass run directories written by `metaopt train`")
+    if not (path / "config.json").is_file():
+        raise RunDirError(f"run {path}: config.json is missing; pass a run directory written by `metaopt train`")
+    config = _read_json(path / "config.json", path)
+    _require(config, ("algorithm", "first_order", "dataset", "ways", "shots"), "config.json", path)
+
+    evaluation_file = next((name for name in RESULT_FILES if (path / name).is_file()), None)
+    if evaluation_file is None:
+        raise RunDirError(f"run {path}: neither final.json nor eval.json exists (the run has no result yet); "
+                          f"finish it with `metaopt train --resume {path}` or evaluate a checkpoint with "
+                          f"`metaopt eval --run {path}`")
+    evaluation = _read_json(path / evaluation_file, path)
+    _require(evaluation, ("summary", "split", "checkpoint", "checkpoint_iteration"), evaluation_file, path)
+
+    if not (path / METRICS_FILE).is_file():
+        raise RunDirError(f"run {path}: {METRICS_FILE} is missing; compare needs the training log that "
+                          "`metaopt train` writes into the run directory")
+    try:
+        records = read_metrics(path / METRICS_FILE)
+    except ValueError as err:
+        raise RunDirError(f"run {path}: {err}") from err
+    if not records:
+        raise RunDirError(f"run {path}: {METRICS_FILE} holds no record; the run logged no iteration, train it first")
+    _require(records[-1], ("iteration", "time/train_s"), f"the last record of {METRICS_FILE}", path)
+    if not any(r.get("time/tasks_per_s") is not None for r in records):
+        raise RunDirError(f"run {path}: {METRICS_FILE} holds no 'time/tasks_per_s'; compare reads run directories "
+                          "written by `metaopt train`")
+    return Run(path, config, evaluation, evaluation_file, records)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value).replace("|", "\\|")
+
+
+def _duration(seconds: float) -> str:
+    """``h:mm:ss.s``."""
+    minutes, secs = divmod(round(seconds, 1), 60)
+    return f"{int(minutes // 60)}:{int(minutes % 60):02d}:{secs:04.1f}"
+
+
+def markdown_table(runs: Sequence[Run]) -> str:
+    """One Markdown row per run: name, config, result ± 95% interval with protocol, training time, throughput.
+
+    The ``evaluated`` column tells the file, split and checkpoint the result comes from.
+    """
+    lines = ["| " + " | ".join(_COLUMNS) + " |",
+             "| " + " | ".join("---:" if column in _NUMERIC else "---" for column in _COLUMNS) + " |"]
+    for run in runs:
+        config, evaluation = run.config, run.evaluation
+        evaluated = (f"{run.evaluation_file}: {evaluation['split']}, {evaluation['checkpoint']} "
+                     f"(iteration {evaluation['checkpoint_iteration']})")
+        algorithm = f"{config['algorithm']}{', first-order' if config['first_order'] else ''}"
+        cells = (run.name, algorithm, config["dataset"], config["ways"], config["shots"],
+                 evaluation["summary"], evaluated, _duration(run.train_s), f"{run.tasks_per_s:.0f}", run.iterations)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _chosen_metric(runs: Sequence[Run], metric: str | None) -> str:
+    """``metric``, or the first run's first validation figure; every run must have logged it."""
+    if not runs:
+        raise ValueError("no runs to compare; pass at least one run directory")
+    if metric is None:
+        logged = runs[0].val_metrics()
+        if not logged:
+            raise RunDirError(f"run {runs[0].path}: {METRICS_FILE} holds no validation figure (val/...); "
+                              "train with validation tasks, or leave the run out")
+        metric = logged[0]
+    for run in runs:
+        if metric not in run.val_metrics():
+            raise RunDirError(f"run {run.path}: {METRICS_FILE} holds no {metric!r} (its validation figures: "
+                              f"{run.val_metrics()}); compare by one of those (--metric)")
+    return metric
+
+
+def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None) -> Figure:
+    """Draw the runs' curves and write the chart to ``out`` as a PNG (rendered by Agg, without pyplot).
+
+    Args:
+        runs: the runs, one colour each.
+        out: the PNG file to write (its folder is created).
+        metric: validation figure to plot, e.g. ``"val/accuracy"`` (default: the first run's).
+
+    Returns:
+        The figure: validation ``metric`` against iteration (shaded: 95% interval) and against
+        training time in minutes, and the training loss against iteration.
+
+    Raises:
+        RunDirError: a run did not log ``metric``.
+    """
+    # matplotlib takes about half a second to import: only charts need it, not the rest of the CLI
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = _chosen_metric(runs, metric)
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg canvas renders it, whatever matplotlib's default backend is
+    by_iteration, by_time, by_loss = figure.subplots(1, 3)
+    for run in runs:
+        val = [r for r in run.records if r.get(metric) is not None]
+        iterations = [r["iteration"] for r in val]
+        means = [r[metric] for r in val]
+        half_widths = [math.nan if r.get(f"{metric}_ci95") is None else r[f"{metric}_ci95"] for r in val]
+        (line,) = by_iteration.plot(iterations, means, marker=".", label=run.name)
+        colour = line.get_color()
+        by_iteration.fill_between(iterations, [m - h for m, h in zip(means, half_widths)],
+                                  [m + h for m, h in zip(means, half_widths)], color=colour, alpha=0.2, linewidth=0)
+        timed = [r for r in val if r.get("time/train_s") is not None]
+        by_time.plot([r["time/train_s"] / 60 for r in timed], [r[metric] for r in timed], marker=".", color=colour)
+        losses = [r for r in run.records if r.get("train/loss") is not None]
+        by_loss.plot([r["iteration"] for r in losses], [r["train/loss"] for r in losses], color=colour)
+    by_iteration.set(xlabel="iteration", ylabel=metric, title=f"{metric} (95% interval) by iteration")
+    by_time.set(xlabel="training time (min)", ylabel=metric, title=f"{metric} by training time")
+    by_loss.set(xlabel="iteration", ylabel="train/loss", title="training loss")
+    by_iteration.legend(fontsize="small")
+    for axes in (by_iteration, by_time, by_loss):
+        axes.grid(alpha=0.3)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png", dpi=100)
+    return figure
