@@ -17,6 +17,15 @@ Two strategies run a meta-batch of ``T`` tasks and agree to rounding error:
 
 ``"auto"`` picks ``loop`` on CPU and ``vmap`` on CUDA.
 
+Second-order memory grows with ``K``: every step keeps the activations of its inner forward and
+backward pass for the meta-backward. With ``checkpoint_steps`` each step keeps only the parameters
+(and rule state) it starts from and recomputes its inner loss, gradients and update when the
+meta-backward reaches it (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant), so memory is
+that of one step plus ``K`` copies of the adapted parameters. The meta-gradients are the same
+(recomputation repeats the same operations); each step costs two more inner forward passes and
+one more inner backward pass (torch recomputes the forward once when the step takes its inner
+gradient, and the whole step in the meta-backward).
+
 Example:
     >>> import torch
     >>> from metaopt.rules import sgd
@@ -30,10 +39,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from metaopt.batchnorm import composite_batch_norm
@@ -45,14 +57,22 @@ __all__ = ["STRATEGIES", "InnerLoop", "LossFn", "TaskOutputs", "resolve_strategy
 
 STRATEGIES = ("auto", "loop", "vmap")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_GradFn = Callable[[Params, Params, torch.Tensor, torch.Tensor], Params]
 
 
-def resolve_strategy(strategy: str, device: torch.device) -> str:
-    """Map ``"auto"`` to ``"vmap"`` on CUDA and ``"loop"`` elsewhere; check the name."""
+def resolve_strategy(strategy: str, device: torch.device, checkpoint_steps: bool = False) -> str:
+    """Map ``"auto"`` to ``"vmap"`` on CUDA and ``"loop"`` elsewhere; check the name.
+
+    With ``checkpoint_steps`` (recomputed inner steps, see :class:`InnerLoop`) ``"auto"`` is
+    ``"loop"`` everywhere and ``"vmap"`` is an error.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown task-batching strategy {strategy!r}; choose one of {STRATEGIES}")
+    if checkpoint_steps and strategy == "vmap":
+        raise ValueError("checkpoint_steps needs strategy='loop' (or 'auto'): torch.func transforms (vmap, grad) "
+                         "do not support the saved-tensor hooks that recomputing the inner steps relies on")
     if strategy == "auto":
-        return "vmap" if device.type == "cuda" else "loop"
+        return "vmap" if device.type == "cuda" and not checkpoint_steps else "loop"
     return strategy
 
 
@@ -95,6 +115,46 @@ def stack_tasks(per_task: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Ten
     return tuple(torch.stack(parts) for parts in zip(*per_task))
 
 
+class _ModuleState:
+    """Re-enterable context that puts ``model`` back as it was at construction: training flags and buffers.
+
+    A checkpointed step is recomputed during the meta-backward, usually after the batch-norm
+    policy of the forward pass (:func:`metaopt.batchnorm.batchnorm_policy`) has been exited.
+    Inside this context the recomputation sees the modules as the forward did (train/eval mode,
+    running statistics or their absence), so it repeats the same operations and leaves the
+    model's buffers alone. Torch may enter it more than once (a gradient taken inside the step
+    recomputes it during the forward pass too).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = self._state(model)
+        self._outer: list[list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]] = []
+
+    @staticmethod
+    def _state(model: nn.Module) -> list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]:
+        return [(m, m.training, dict(m._buffers)) for m in model.modules()]
+
+    @staticmethod
+    def _apply(state: list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]) -> None:
+        for module, training, buffers in state:
+            module.training = training
+            module._buffers.update(buffers)
+
+    def __enter__(self) -> None:
+        self._outer.append(self._state(self._saved[0][0]))
+        self._apply(self._saved)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._apply(self._outer.pop())
+
+
+def _recomputed(model: nn.Module, step: Callable[..., Any], *args: Any) -> Any:
+    """``step(*args)`` keeping only its inputs and outputs; the rest is recomputed in the backward pass."""
+    state = _ModuleState(model)
+    return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), state))
+
+
 @dataclass(frozen=True)
 class TaskOutputs:
     """Per-task results of a batched inner loop (leading dimension ``T``).
@@ -120,15 +180,23 @@ class InnerLoop:
         loss_fn: ``loss_fn(prediction, target) -> scalar``, used for inner and outer loss.
         adapted: names of the parameters the inner loop updates (default: all of ``params``).
         first_order: treat inner gradients as constants (first-order meta-gradients).
+        checkpoint_steps: recompute each second-order inner step during the meta-backward instead
+            of storing its activations (memory of one step instead of ``K``; same meta-gradients,
+            more time). Needs the ``"loop"`` strategy (``"auto"`` then means ``"loop"``).
+            First-order steps store no activations, so it has no effect on them. A forward pass
+            that writes to the model's buffers (batch norm in training mode with running
+            statistics, outside :func:`metaopt.batchnorm.batchnorm_policy`) writes again when
+            recomputed.
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule, loss_fn: LossFn, adapted: Sequence[str] | None = None,
-                 first_order: bool = False) -> None:
+                 first_order: bool = False, checkpoint_steps: bool = False) -> None:
         self.model = model
         self.rule = rule
         self.loss_fn = loss_fn
         self.adapted = None if adapted is None else tuple(adapted)
         self.first_order = first_order
+        self.checkpoint_steps = checkpoint_steps
 
     def _split(self, params: Params) -> tuple[Params, Params]:
         fast = params if self.adapted is None else select(params, self.adapted)
@@ -138,22 +206,31 @@ class InnerLoop:
         """Run ``steps`` inner steps on ``(x, y)`` for one task; the full parameters at steps 0..K.
 
         With gradients enabled the result is differentiable with respect to the meta-parameters
-        (to second order unless ``first_order``). Under :func:`torch.no_grad` it is detached and
+        (to second order unless ``first_order``), and each step is recomputed in the
+        meta-backward if ``checkpoint_steps``. Under :func:`torch.no_grad` it is detached and
         each step's memory is freed at once (evaluation).
         """
         if torch.is_grad_enabled():
-            return self._unroll(params, x, y, steps, self._autograd_grads)
+            recompute = self.checkpoint_steps and not self.first_order
+            return self._unroll(params, x, y, steps, self._autograd_grads, recompute)
         return self._unroll({k: v.detach() for k, v in params.items()}, x, y, steps, self._detached_grads)
 
-    def _unroll(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
-                grad_fn: Callable[[Params, Params, torch.Tensor, torch.Tensor], Params]) -> list[Params]:
+    def _unroll(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, grad_fn: _GradFn,
+                recompute: bool = False) -> list[Params]:
         fast, fixed = self._split(params)
         state = self.rule.init(fast)
         path = [params]
         for t in range(steps):
-            fast, state = self.rule.step(fast, grad_fn(fast, fixed, x, y), state, t)
+            if recompute:
+                fast, state = _recomputed(self.model, self._step, fast, fixed, state, t, x, y, grad_fn)
+            else:
+                fast, state = self._step(fast, fixed, state, t, x, y, grad_fn)
             path.append({**fixed, **fast})
         return path
+
+    def _step(self, fast: Params, fixed: Params, state: Any, t: int, x: torch.Tensor, y: torch.Tensor,
+              grad_fn: _GradFn) -> tuple[Params, Any]:
+        return self.rule.step(fast, grad_fn(fast, fixed, x, y), state, t)
 
     def _inner_loss(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(model_call(self.model, {**fixed, **fast}, x), y)
@@ -172,7 +249,7 @@ class InnerLoop:
 
     def task_outputs(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
-                     track: bool, grad_fn: Callable | None = None) -> tuple[torch.Tensor, ...]:
+                     track: bool, grad_fn: _GradFn | None = None) -> tuple[torch.Tensor, ...]:
         """Outer loss, per-step query losses and accuracy of one task (tensors, vmap-friendly)."""
         if grad_fn is None:
             path = self.adapt(params, support_x, support_y, steps)
@@ -189,11 +266,11 @@ class InnerLoop:
             params: initial parameters θ_0, shared by all tasks.
             steps: number of inner steps K.
             weights: outer-loss weights of the query loss after steps 1..K (default: last only).
-            strategy: ``"loop"``, ``"vmap"`` or ``"auto"``.
+            strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (``"vmap"`` is an error with ``checkpoint_steps``).
             track: also return the query loss after every step (for logging).
         """
         weights = resolve_weights(steps, weights)
-        strategy = resolve_strategy(strategy, support_x.device)
+        strategy = resolve_strategy(strategy, support_x.device, self.checkpoint_steps)
         if strategy == "loop":
             per_task = [self.task_outputs(params, *task, steps, weights, track)
                         for task in zip(support_x, support_y, query_x, query_y)]

@@ -121,6 +121,11 @@ class MetaLearner(nn.Module):
             inner optimizer to meta-learn, e.g. ``{"lr": 0.01}``. Each value becomes an
             ``nn.Parameter`` (a float, a 0-d one) in ``self.override``, so in ``parameters()``, and
             replaces the optimizer's own value in every parameter group.
+        checkpoint_steps: ``driver="func"`` only: recompute each second-order inner step during the
+            meta-backward instead of storing its activations, so memory no longer grows with the
+            inner steps (same meta-gradients; each step costs two more inner forward passes and one
+            more backward pass, see :mod:`metaopt.inner`). Tasks then run as a loop: ``strategy="auto"``
+            means ``"loop"`` and ``"vmap"`` is an error.
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule | None = None, inner_steps: int = 1,
@@ -129,7 +134,7 @@ class MetaLearner(nn.Module):
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
                  step_weights: Sequence[float] | None = None, driver: str = "func",
                  inner_optimizer: OptimizerFactory | None = None,
-                 override: Mapping[str, float | torch.Tensor] | None = None) -> None:
+                 override: Mapping[str, float | torch.Tensor] | None = None, checkpoint_steps: bool = False) -> None:
         super().__init__()
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -138,7 +143,7 @@ class MetaLearner(nn.Module):
         if step_weights is not None and len(step_weights) != inner_steps:
             raise ValueError(f"{len(step_weights)} step_weights given for inner_steps={inner_steps}; give one "
                              "weight per inner step")
-        resolve_strategy(strategy, torch.device("cpu"))
+        resolve_strategy(strategy, torch.device("cpu"), checkpoint_steps)
         self.model = model
         self.rule = rule
         self.override = nn.ParameterDict({k: _as_parameter(v) for k, v in (override or {}).items()})
@@ -148,20 +153,23 @@ class MetaLearner(nn.Module):
         self.driver = driver
         self.bn_policy = BatchNormPolicy(bn_policy)
         self.step_weights = None if step_weights is None else list(step_weights)
-        self.inner = self._driver(loss_fn, self._adapted_names(adapt), first_order, inner_optimizer, override)
+        self.inner = self._driver(loss_fn, self._adapted_names(adapt), first_order, inner_optimizer, override,
+                                  checkpoint_steps)
 
     def _driver(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], adapted: list[str] | None,
                 first_order: bool, inner_optimizer: OptimizerFactory | None,
-                override: Mapping[str, float | torch.Tensor] | None) -> InnerLoop | HigherLoop:
+                override: Mapping[str, float | torch.Tensor] | None, checkpoint_steps: bool) -> InnerLoop | HigherLoop:
         """The inner loop of ``self.driver``, after checking that the options given belong to it."""
         if self.driver == "func":
             if inner_optimizer is not None or override is not None:
                 raise ValueError("inner_optimizer and override configure the higher driver; pass driver='higher'")
             if self.rule is None:
                 raise ValueError("driver='func' needs an update rule, e.g. rule=metaopt.rules.sgd(0.4)")
-            return InnerLoop(self.model, self.rule, loss_fn, adapted, first_order)
+            return InnerLoop(self.model, self.rule, loss_fn, adapted, first_order, checkpoint_steps)
         if self.driver != "higher":
             raise ValueError(f"unknown inner-loop driver {self.driver!r}; choose one of {DRIVERS}")
+        if checkpoint_steps:
+            raise ValueError("checkpoint_steps is implemented for the func driver only; use driver='func'")
         if self.strategy == "vmap":
             raise ValueError("driver='higher' runs tasks one after another; use strategy='loop' or 'auto'")
         if (self.rule is None) == (inner_optimizer is None):

@@ -66,6 +66,55 @@ def test_vmap_needs_composite_batch_norm_for_second_order(monkeypatch: pytest.Mo
                         "PyTorch bug is fixed and metaopt.batchnorm.composite_batch_norm can be removed")
 
 
+class CountingLoss:
+    """Cross-entropy that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.cross_entropy(prediction, target)
+
+
+@pytest.mark.parametrize("bn_policy", ["batch", "frozen"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_checkpointed_steps_are_recomputed_with_the_same_results(first_order: bool, bn_policy: str) -> None:
+    """Each second-order step is recomputed in the meta-backward, after the batch-norm policy has been exited.
+
+    The recomputation must see the model as the forward pass did (batch statistics, or running
+    statistics in eval mode, although the model is in training mode with running statistics),
+    repeat it exactly and leave the model's buffers alone.
+    """
+    model, batch, steps, weights = tiny_convnet(), toy_classification_batch(), 3, [0.2, 0.3, 0.5]
+    rule = sgd(0.3, learnable=True).double()
+    stored, expected = run(InnerLoop(model, rule, F.cross_entropy, first_order=first_order), batch, steps, weights,
+                           bn_policy=bn_policy)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = CountingLoss()
+    loop = InnerLoop(model, rule, loss, first_order=first_order, checkpoint_steps=True)
+    params = named_params(model)
+    with batchnorm_policy(model, bn_policy):
+        out = loop.run_tasks(params, *batch.tensors(), steps=steps, weights=weights, strategy="auto", track=True)
+    calls = loss.calls
+    gradients = torch.autograd.grad(out.losses.mean(), [*params.values(), rule.lr])
+    assert loss.calls - calls == (0 if first_order else len(batch) * steps)  # every inner loss, once more
+    torch.testing.assert_close(out.losses, stored.losses)
+    torch.testing.assert_close(out.step_losses, stored.step_losses)
+    assert_close_dicts(dict(zip([*params, "rule.lr"], gradients)), expected)
+    assert_close_dicts(model.state_dict(), buffers, rtol=0, atol=0)
+    with torch.no_grad(), batchnorm_policy(model, bn_policy):  # evaluation: nothing to recompute, same numbers
+        out = loop.run_tasks(params, *batch.tensors(), steps=steps, weights=weights, strategy="loop")
+    torch.testing.assert_close(out.losses, stored.losses.detach())
+
+
+def test_checkpointed_steps_need_the_loop_strategy() -> None:
+    loop, batch = mse_loop(), toy_regression_batch()
+    loop.checkpoint_steps = True
+    with pytest.raises(ValueError, match="checkpoint_steps needs strategy='loop'"):
+        loop.run_tasks(named_params(loop.model), *batch.tensors(), steps=2, strategy="vmap")
+
+
 def mse_loop(first_order: bool = False, rule: nn.Module | None = None) -> InnerLoop:
     return InnerLoop(tiny_mlp(), rule or sgd(0.1).double(), F.mse_loss, first_order=first_order)
 
@@ -173,6 +222,7 @@ def test_strategy_and_weights_are_checked() -> None:
     assert resolve_strategy("auto", torch.device("cpu")) == "loop"
     assert resolve_strategy("auto", torch.device("cuda")) == "vmap"
     assert resolve_strategy("vmap", torch.device("cpu")) == "vmap"
+    assert resolve_strategy("auto", torch.device("cuda"), checkpoint_steps=True) == "loop"
     with pytest.raises(ValueError, match="unknown task-batching strategy 'threads'"):
         resolve_strategy("threads", torch.device("cpu"))
     loop, batch = mse_loop(), toy_regression_batch()

@@ -17,7 +17,7 @@ from metaopt.inner import InnerLoop
 from metaopt.meta_learner import AdaptedModel, MetaLearner, head_parameter_names
 from metaopt.models import MLP, Conv4
 from metaopt.rules import UpdateRule, sgd
-from tests.helpers import tiny_convnet, toy_classification_batch, toy_regression_batch
+from tests.helpers import assert_close_dicts, meta_grads, tiny_convnet, toy_classification_batch, toy_regression_batch
 
 
 def trained_convnet() -> nn.Module:
@@ -91,6 +91,10 @@ INVALID = {
                              "a rule's meta-parameters are its own"),
     "override name": ({"driver": "higher", "inner_optimizer": adam, "override": {"learning_rate": 0.1}},
                       r"override names \['learning_rate'\], which Adam does not have; its hyper-parameters are"),
+    "checkpoint with vmap": ({"rule": sgd(0.1), "strategy": "vmap", "checkpoint_steps": True},
+                             "checkpoint_steps needs strategy='loop'"),
+    "checkpoint with higher": ({"rule": sgd(0.1), "driver": "higher", "checkpoint_steps": True},
+                               "checkpoint_steps is implemented for the func driver only"),
 }
 
 
@@ -177,6 +181,22 @@ def test_frozen_policy_normalises_with_running_statistics() -> None:
     with torch.no_grad():
         torch.testing.assert_close(frozen(task.query_x), model_call(model, frozen.params, task.query_x))
         assert not torch.allclose(batch(task.query_x), model_call(model, batch.params, task.query_x))
+
+
+@pytest.mark.parametrize("bn_policy", ["batch", "frozen"])
+def test_checkpointed_steps_give_the_same_meta_gradients(bn_policy: str) -> None:
+    batch, results = toy_classification_batch(), []
+    for checkpoint_steps in (False, True):
+        model = trained_convnet()
+        before = snapshot(model)
+        learner = MAML(model, inner_lr=0.3, inner_steps=3, learn_inner_lr=True, bn_policy=bn_policy,
+                       checkpoint_steps=checkpoint_steps)
+        results.append(meta_grads(learner, batch))
+        assert_unchanged(model, before)
+    assert learner.inner.checkpoint_steps
+    (loss, gradients), (recomputed_loss, recomputed) = results
+    torch.testing.assert_close(recomputed_loss, loss)
+    assert_close_dicts(recomputed, gradients)
 
 
 def test_head_parameter_names() -> None:
