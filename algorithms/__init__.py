@@ -20,4 +20,4 @@ def build_maml(model: nn.Module, config: ExperimentConfig) -> MAML:
     """MAML (first-order with ``first_order``, ANIL with ``adapt="head"``) as ``config`` says."""
     return MAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, first_order=config.first_order,
                 adapt=config.adapt_spec(), eval_inner_steps=config.eval_inner_steps, strategy=config.strategy,
-                bn_policy=config.bn_policy)
+                bn_policy=config.bn_policy, checkpoint_steps=config.checkpoint_steps)

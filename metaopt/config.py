@@ -198,6 +198,8 @@ class ExperimentConfig(TrainerConfig):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (``None``: ``inner_steps``).
         first_order: drop second-order terms of the meta-gradient (first-order MAML).
+        checkpoint_steps: recompute each second-order inner step in the meta-backward instead of
+            storing its activations (memory no longer grows with the inner steps; loop strategy).
         adapt: parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or
             comma-separated parameter names.
         strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"`` (:mod:`metaopt.inner`).
@@ -225,6 +227,7 @@ class ExperimentConfig(TrainerConfig):
     inner_steps: int = 1
     eval_inner_steps: int | None = None
     first_order: bool = False
+    checkpoint_steps: bool = False
     adapt: str = "all"
     strategy: str = "auto"
     bn_policy: str = "batch"

@@ -1,0 +1,17 @@
+"""The README's Python examples run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2, "the README lost its Python examples"
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
+    assert namespace["logits"].shape == (75, 5)
+    assert namespace["loss"].requires_grad and set(namespace["metrics"]) == {"loss", "accuracy"}
