@@ -282,7 +282,8 @@ class MetaTrainer:
         path = self.run_dir / "last.pt"
         config_path = self.run_dir / "config.json"
         if config_path.exists():
-            stored = json.loads(config_path.read_text())
+            # through the config class, so fields added since the run started compare at their defaults
+            stored = type(self.config).from_dict(json.loads(config_path.read_text())).to_dict()
             ours = self.config.to_dict()
             changed = sorted(k for k in set(stored) | set(ours)
                              if stored.get(k) != ours.get(k) and k not in RESUMABLE_CHANGES)

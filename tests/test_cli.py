@@ -252,3 +252,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     assert final_ours["result"] == final_theirs["result"]
     untimed = [{k: v for k, v in final["train"].items() if k != "time"} for final in (final_ours, final_theirs)]
     assert untimed[0] == untimed[1]
+
+
+def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    stored = json.loads((run / "config.json").read_text())
+    del stored["checkpoint_steps"]  # as written by a version without that field
+    (run / "config.json").write_text(json.dumps(stored))
+    assert main(["train", "--resume", str(run), "--iterations", "8"]) == 0
+    assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 8
