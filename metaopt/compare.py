@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RESULT_FILES", "Run", "RunDirError", "load_run", "markdown_table", "plot_runs"]
 
-RESULT_FILES = ("final.json", "eval.json")  # where a run's result is read from, in order of preference
+RESULT_FILES = ("final.json", "eval.json")  # where a run's result is read from: the newer of the two
 _COLUMNS = ("run", "algorithm", "dataset", "ways", "shots", "result (95% CI; protocol)", "evaluated", "train time",
             "tasks/s", "iterations")
 _NUMERIC = {"ways", "shots", "train time", "tasks/s", "iterations"}  # right-aligned
@@ -109,7 +109,10 @@ def _require(mapping: Mapping[str, Any], keys: Sequence[str], file: str, run: Pa
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read ``config.json``, ``final.json`` (or ``eval.json``) and ``metrics.jsonl`` of a run directory.
+    """Read ``config.json``, the run's result and ``metrics.jsonl`` of a run directory.
+
+    The result is the newer of ``final.json`` (written at the end of training) and ``eval.json``
+    (written by a later ``metaopt eval``, e.g. with more test tasks).
 
     Raises:
         RunDirError: naming the run and the file that is missing, unreadable or incomplete.
@@ -122,11 +125,12 @@ def load_run(run_dir: str | Path) -> Run:
     config = _read_json(path / "config.json", path)
     _require(config, ("algorithm", "first_order", "dataset", "ways", "shots"), "config.json", path)
 
-    evaluation_file = next((name for name in RESULT_FILES if (path / name).is_file()), None)
-    if evaluation_file is None:
+    written = [name for name in RESULT_FILES if (path / name).is_file()]
+    if not written:
         raise RunDirError(f"run {path}: neither final.json nor eval.json exists (the run has no result yet); "
                           f"finish it with `metaopt train --resume {path}` or evaluate a checkpoint with "
                           f"`metaopt eval --run {path}`")
+    evaluation_file = max(written, key=lambda name: (path / name).stat().st_mtime_ns)
     evaluation = _read_json(path / evaluation_file, path)
     _require(evaluation, ("summary", "split", "checkpoint", "checkpoint_iteration"), evaluation_file, path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -88,6 +89,16 @@ def test_the_result_falls_back_to_eval_json(runs, tmp_path):
     row = _rows(markdown_table([loaded]))[2]
     assert row[5] == json.loads((run / "eval.json").read_text())["summary"] and "episodes=10" in row[5]
     assert row[6] == "eval.json: val, last.pt (iteration 6)"
+
+
+def test_a_later_evaluation_replaces_the_final_result(runs, tmp_path):
+    run = Path(shutil.copytree(runs[0], tmp_path / runs[0].name))
+    assert load_run(run).evaluation_file == "final.json"
+    assert main(["eval", "--run", str(run), "--episodes", "12"]) == 0
+    loaded = load_run(run)
+    assert loaded.evaluation_file == "eval.json" and "episodes=12" in loaded.evaluation["summary"]
+    os.utime(run / "eval.json", ns=(1, 1))  # an evaluation older than the final result loses
+    assert load_run(run).evaluation_file == "final.json"
 
 
 @pytest.mark.parametrize(("removed", "message"), [
