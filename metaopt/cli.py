@@ -1,4 +1,4 @@
-"""Command line: ``metaopt train``, ``metaopt eval`` and ``metaopt compare``.
+"""Command line: ``metaopt train``, ``metaopt eval``, ``metaopt bench`` and ``metaopt compare``.
 
 Every field of :class:`metaopt.config.ExperimentConfig` is an option (``inner_lr`` is
 ``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none`` clears an
@@ -13,6 +13,7 @@ Examples::
     metaopt train --preset maml-sinusoid-10shot --time-budget 30   # stop after 30 minutes of training
     metaopt eval --run runs/try --checkpoint best --episodes 600 --steps 10
     metaopt compare runs/maml-* runs/fomaml-* --out runs/compare.png   # table of results, chart of curves
+    metaopt bench --threads 2 > bench.md             # speed, memory and operator counts (README tables)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from metaopt.checkpoint import CheckpointError
 from metaopt.compare import RunDirError, load_run, markdown_table, plot_runs
 from metaopt.config import ConfigError, ExperimentConfig, TrainerConfig, load_preset, preset_names
 from metaopt.experiment import default_run_dir, evaluate_run, train
+from metaopt.profiling import run_benchmark
 from metaopt.trainer import RESUMABLE_CHANGES, NonFiniteError
 
 __all__ = ["build_parser", "main"]
@@ -97,7 +99,7 @@ def _add_field_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``metaopt`` argument parser (subcommands ``train``, ``eval`` and ``compare``)."""
+    """The ``metaopt`` argument parser (subcommands ``train``, ``eval``, ``bench`` and ``compare``)."""
     parser = _Parser(prog="metaopt", allow_abbrev=False,
                      description="Optimization-based meta-learning: train, evaluate and compare runs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -139,7 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--metric", help="validation figure to plot, e.g. val/accuracy (default: the first "
                                                  "run's, val/mse or val/accuracy)")
     compare_parser.set_defaults(subparser=compare_parser)
+
+    bench_parser = commands.add_parser(
+        "bench", allow_abbrev=False, help="measure meta-training speed, memory and operator counts",
+        description="Markdown tables of tasks/s and peak memory (loop, vmap, higher, learn2learn when importable, "
+                    "against a plain loop), ATen operators per meta-iteration, and second-order memory with "
+                    "stored versus recomputed inner steps (metaopt.profiling.run_benchmark).")
+    bench_parser.add_argument("--tasks", type=_positive, default=16,
+                              help="tasks per meta-batch of the throughput table (default: 16)")
+    bench_parser.add_argument("--repeats", type=_positive, default=3,
+                              help="timed meta-iterations per measurement, the median is reported (default: 3)")
+    bench_parser.add_argument("--threads", type=_positive, help="intra-op threads (default: torch's; 1 with --quick)")
+    bench_parser.add_argument("--sweep-tasks", type=_positive, default=4,
+                              help="tasks per meta-batch of the inner-steps memory sweep (default: 4)")
+    bench_parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer rows: a smoke run")
+    bench_parser.set_defaults(subparser=bench_parser)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -182,6 +206,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    run_benchmark(tasks=args.tasks, repeats=args.repeats, threads=args.threads, quick=args.quick,
+                  sweep_tasks=args.sweep_tasks, write=lambda text: print(text, flush=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -189,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
+        return {"train": _train, "eval": _eval, "compare": _compare, "bench": _bench}[args.command](args)
     except ConfigError as err:
         print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
         return 2

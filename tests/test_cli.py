@@ -262,3 +262,15 @@ def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
     (run / "config.json").write_text(json.dumps(stored))
     assert main(["train", "--resume", str(run), "--iterations", "8"]) == 0
     assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 8
+
+
+def test_bench_passes_its_options_to_the_benchmark(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr("metaopt.cli.run_benchmark", lambda **kwargs: calls.append(kwargs) or kwargs["write"]("| t |"))
+    assert main(["bench", "--tasks", "4", "--repeats", "2", "--threads", "1", "--quick"]) == 0
+    assert {k: v for k, v in calls[0].items() if k != "write"} == {"tasks": 4, "repeats": 2, "threads": 1,
+                                                                  "quick": True, "sweep_tasks": 4}
+    assert "| t |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--tasks", "0"])
+    assert "--tasks: must be an integer >= 1, got 0" in capsys.readouterr().err
