@@ -8,10 +8,12 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run() -> None:
+def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write a run directory
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2, "the README lost its Python examples"
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(README), "exec"), namespace)
     assert namespace["logits"].shape == (75, 5)
     assert namespace["loss"].requires_grad and set(namespace["metrics"]) == {"loss", "accuracy"}
+    assert namespace["summary"]["iteration"] == 2 and (tmp_path / "runs" / "quickstart" / "last.pt").exists()
