@@ -8,14 +8,13 @@ so that a second start takes seconds; the data folder itself may be read-only.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["TensorClassDataset", "cache_dir", "dataset_root", "file_sha256", "load_cached", "save_cached"]
+__all__ = ["TensorClassDataset", "cache_dir", "dataset_root", "load_cached", "save_cached"]
 
 
 def dataset_root(root: str | os.PathLike | None, name: str) -> Path:
@@ -32,15 +31,6 @@ def dataset_root(root: str | os.PathLike | None, name: str) -> Path:
 def cache_dir() -> Path:
     """Folder for decoded-image caches: ``$METAOPT_CACHE`` or ``~/.cache/metaopt``."""
     return Path(os.environ.get("METAOPT_CACHE", Path.home() / ".cache" / "metaopt")).expanduser()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_cached(path: Path, payload: dict) -> None:

@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -34,7 +36,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
@@ -46,7 +48,6 @@ from metaopt.datasets._common import (
     TensorClassDataset,
     cache_dir,
     dataset_root,
-    file_sha256,
     load_cached,
     save_cached,
 )
@@ -107,27 +108,32 @@ class _Source:
                 f"Put images_background.zip and images_evaluation.zip from github.com/brendenlake/omniglot "
                 f"(python/ folder) into {root}, or pass download=True when online.")
 
-    def identity(self) -> str:
-        """A key that changes whenever the source files change."""
-        parts = []
+    @functools.cached_property
+    def _digests(self) -> dict[str, tuple[str, str]]:
+        """``(sha256, md5)`` of each archive, read once; a folder gets a digest of its file list."""
+        digests = {}
         for name, path in sorted(self.parts.items()):
             if path.is_file():
-                parts.append(f"{name}:{file_sha256(path)}")
+                sha256, md5 = hashlib.sha256(), hashlib.md5()
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        sha256.update(block)
+                        md5.update(block)
+                digests[name] = (sha256.hexdigest(), md5.hexdigest())
             else:
                 stats = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*.png"))
-                parts.append(f"{name}:{hashlib.sha256(repr(stats).encode()).hexdigest()}")
-        return hashlib.sha256(f"{_CACHE_VERSION}|{'|'.join(parts)}".encode()).hexdigest()
+                digests[name] = (hashlib.sha256(repr(stats).encode()).hexdigest(), "")
+        return digests
+
+    def identity(self) -> str:
+        """A key that changes whenever the source files change."""
+        parts = "|".join(f"{name}:{sha256}" for name, (sha256, _) in self._digests.items())
+        return hashlib.sha256(f"{_CACHE_VERSION}|{parts}".encode()).hexdigest()
 
     def checksums(self) -> dict[str, str]:
         """For each archive, whether its MD5 is the original's, the rebuild's, or unknown."""
-        result = {}
-        for name, path in self.parts.items():
-            if path.is_file():
-                md5 = hashlib.md5(path.read_bytes()).hexdigest()
-                result[name] = KNOWN_MD5[name].get(md5, "unknown")
-            else:
-                result[name] = "folder"
-        return result
+        return {name: KNOWN_MD5[name].get(md5, "unknown") if self.parts[name].is_file() else "folder"
+                for name, (_, md5) in self._digests.items()}
 
     def characters(self) -> dict[str, list[str]]:
         """``"<set>/<alphabet>/<character>" -> sorted image paths``, checked for completeness."""
@@ -155,28 +161,29 @@ class _Source:
             found.update({c: sorted(v) for c, v in chars.items()})
         return dict(sorted(found.items()))
 
-    def read(self, member: str) -> bytes:
-        name = member.split("/", 1)[0]
-        path = self.parts[name]
-        if path.is_file():
-            with zipfile.ZipFile(path) as z:
-                return z.read(member)
-        return (path / member.split("/", 1)[1]).read_bytes()
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[str], bytes]]:
+        """A function reading a member (``"<set>/<alphabet>/<character>/<file>"``), archives opened once."""
+        archives = {n: zipfile.ZipFile(p) for n, p in self.parts.items() if p.is_file()}
+
+        def read(member: str) -> bytes:
+            name, rest = member.split("/", 1)
+            return archives[name].read(member) if name in archives else (self.parts[name] / rest).read_bytes()
+
+        try:
+            yield read
+        finally:
+            for z in archives.values():
+                z.close()
 
 
 def _decode(source: _Source, characters: dict[str, list[str]], size: int) -> torch.Tensor:
     images = np.empty((len(characters), DRAWINGS, size, size), dtype=np.uint8)
-    archives = {n: zipfile.ZipFile(p) for n, p in source.parts.items() if p.is_file()}
-    try:
+    with source.reader() as read:
         for i, files in enumerate(characters.values()):
             for j, member in enumerate(files):
-                set_name = member.split("/", 1)[0]
-                raw = archives[set_name].read(member) if set_name in archives else source.read(member)
-                image = Image.open(io.BytesIO(raw)).convert("L").resize((size, size), Image.Resampling.LANCZOS)
+                image = Image.open(io.BytesIO(read(member))).convert("L").resize((size, size), Image.Resampling.LANCZOS)
                 images[i, j] = 255 - np.asarray(image)
-    finally:
-        for z in archives.values():
-            z.close()
     return torch.from_numpy(images)
 
 
