@@ -42,7 +42,9 @@ C = TypeVar("C", bound="TrainerConfig")
 
 META_OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+BUDGET_CLOCKS = ("wall", "cpu")
 MODELS = ("mlp", "conv4")
+METASGD_INITS = ("uniform", "constant")
 
 
 class ConfigError(ValueError):
@@ -80,12 +82,18 @@ class TrainerConfig:
     Args:
         iterations: meta-updates (meta-batches) in the run.
         time_budget: also stop after the meta-update during which this many minutes of training
-            time have passed (``None``: no limit). Training time is the wall time of the
-            meta-updates alone; validation, checkpoints and logging do not count.
+            time have passed (``None``: no limit). Training time is the time of the meta-updates
+            alone; validation, checkpoints and logging do not count.
+        budget_clock: what ``time_budget`` counts: ``"wall"`` time, or the ``"cpu"`` time of the
+            process (all its threads), which runs sharing a machine cannot take from each other
+            (equal-budget comparisons; with one thread the two agree on an idle machine).
         meta_optimizer: ``"adam"`` (MAML's) or ``"sgd"``.
         meta_lr: learning rate of the meta-optimizer.
-        lr_schedule: ``"constant"``, or ``"cosine"`` annealing to 0 over ``iterations``
-            (MAML++, Antoniou et al. 2019, §4).
+        lr_schedule: ``"constant"``, or ``"cosine"`` annealing from ``meta_lr`` to ``min_meta_lr``
+            over the run's epochs, a step per epoch (MAML++'s CA, Antoniou et al. 2019, §4).
+        min_meta_lr: the meta learning rate that cosine annealing ends at (MAML++ Omniglot: 1e-5).
+        epoch_length: meta-iterations per epoch, the unit of the epoch schedules (cosine
+            annealing, MAML++'s multi-step loss and derivative-order annealing; 500 in MAML++).
         grad_clip: clip the meta-gradient to this global L2 norm (``None``: no clipping).
         grad_clip_value: clip each meta-gradient entry to ``[-v, v]`` (MAML's miniImageNet
             code clips at 10; cbfinn/maml ``maml.py``).
@@ -99,9 +107,12 @@ class TrainerConfig:
 
     iterations: int = 70000
     time_budget: float | None = None
+    budget_clock: str = "wall"
     meta_optimizer: str = "adam"
     meta_lr: float = 1e-3
     lr_schedule: str = "constant"
+    min_meta_lr: float = 0.0
+    epoch_length: int = 500
     grad_clip: float | None = None
     grad_clip_value: float | None = None
     eval_every: int = 1000
@@ -118,13 +129,17 @@ class TrainerConfig:
 
     def _check(self) -> None:
         positive = ("iterations", "time_budget", "eval_every", "eval_episodes", "checkpoint_every", "log_every",
-                    "max_nonfinite", "meta_lr", "grad_clip", "grad_clip_value")
+                    "max_nonfinite", "meta_lr", "grad_clip", "grad_clip_value", "epoch_length")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"config field {name!r} must be > 0, got {value}")
+        if not 0 <= self.min_meta_lr <= self.meta_lr:
+            raise ConfigError(f"config field 'min_meta_lr' must be in [0, meta_lr={self.meta_lr}], got "
+                              f"{self.min_meta_lr}")
         self._check_choice("meta_optimizer", META_OPTIMIZERS)
         self._check_choice("lr_schedule", LR_SCHEDULES)
+        self._check_choice("budget_clock", BUDGET_CLOCKS)
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -203,7 +218,15 @@ class ExperimentConfig(TrainerConfig):
         adapt: parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or
             comma-separated parameter names.
         strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"`` (:mod:`metaopt.inner`).
-        bn_policy: batch-norm policy, ``"batch"`` or ``"frozen"`` (:mod:`metaopt.batchnorm`).
+        bn_policy: batch-norm policy, ``"batch"``, ``"frozen"`` or ``"running"`` (:mod:`metaopt.batchnorm`).
+        msl_epochs: MAML++ multi-step loss annealed over this many epochs (``None``: off).
+        second_order_from_epoch: MAML++ derivative-order annealing: first-order before this
+            epoch (``None``: off).
+        per_step_bn_stats: MAML++ per-step batch-norm running statistics (BNRS).
+        per_step_bn_weights: MAML++ per-step batch-norm weights and biases (BNWB).
+        per_step_lr: MAML++ learned per-layer per-step learning rates, starting at ``inner_lr`` (LSLR).
+        metasgd_init: Meta-SGD's initial step sizes: ``"uniform"`` in [0.005, 0.1] (the paper)
+            or ``"constant"`` (every entry ``inner_lr``, as learn2learn).
         meta_batch: tasks per meta-batch.
         seed: fixes the model's initialisation and the task streams; train, validation and
             test tasks use the distinct seeds ``3·seed``, ``3·seed + 1`` and ``3·seed + 2``.
@@ -231,6 +254,12 @@ class ExperimentConfig(TrainerConfig):
     adapt: str = "all"
     strategy: str = "auto"
     bn_policy: str = "batch"
+    msl_epochs: int | None = None
+    second_order_from_epoch: int | None = None
+    per_step_bn_stats: bool = False
+    per_step_bn_weights: bool = False
+    per_step_lr: bool = False
+    metasgd_init: str = "uniform"
     meta_batch: int = 25
     seed: int = 0
     device: str = "auto"
@@ -239,7 +268,7 @@ class ExperimentConfig(TrainerConfig):
     def _check(self) -> None:
         super()._check()
         positive = ("ways", "shots", "query", "eval_query", "filters", "inner_lr", "inner_steps", "eval_inner_steps",
-                    "meta_batch")
+                    "meta_batch", "msl_epochs")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -254,6 +283,10 @@ class ExperimentConfig(TrainerConfig):
         self._check_choice("model", MODELS)
         self._check_choice("strategy", STRATEGIES)
         self._check_choice("bn_policy", tuple(p.value for p in BatchNormPolicy))
+        self._check_choice("metasgd_init", METASGD_INITS)
+        if self.second_order_from_epoch is not None and self.second_order_from_epoch < 0:
+            raise ConfigError("config field 'second_order_from_epoch' must be >= 0, got "
+                              f"{self.second_order_from_epoch}")
         if self.device != "auto":
             try:
                 torch.device(self.device)

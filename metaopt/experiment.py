@@ -111,7 +111,7 @@ def _registered(lookup: Any, field: str, name: str) -> Any:
 
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
-    """Build task samplers, model and algorithm; the model's initialisation depends on ``config.seed`` only.
+    """Build task samplers, model and algorithm; their initial values depend on ``config.seed`` only.
 
     The global random generators are left as they were.
     """
@@ -122,9 +122,9 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
                                           for split in SPLITS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_model(config, train_tasks.batch(0))
+        algorithm = build_algorithm(build_model(config, train_tasks.batch(0)), config)
     device = resolve_device(config.device)
-    algorithm = build_algorithm(model, config).to(device)
+    algorithm = algorithm.to(device)
     return Experiment(config, algorithm, train_tasks, val_tasks, test_tasks, device)
 
 

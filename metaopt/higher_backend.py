@@ -35,15 +35,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import higher
 import torch
 from torch import nn
 
+from metaopt.batchnorm import inner_step
 from metaopt.functional import Params
 from metaopt.inner import LossFn, TaskOutputs, resolve_weights, score_path, stack_tasks
-from metaopt.rules import OptimizerFactory
+from metaopt.rules import HyperParameters, OptimizerFactory
 
 __all__ = ["HigherLoop"]
 
@@ -59,23 +60,24 @@ class HigherLoop:
         loss_fn: ``loss_fn(prediction, target) -> scalar``, used for inner and outer loss.
         adapted: names of the parameters the optimizer updates (default: all of ``params``).
         first_order: treat inner gradients as constants (first-order meta-gradients).
-        override: hyper-parameters of the optimizer given as tensors (``{"lr": lr}``), used by
-            every parameter group; meta-gradients reach those that require grad. The mapping is
-            kept by reference and read at every run: hold the tensors as parameters of a module
-            (as :class:`metaopt.MetaLearner` does) so that ``.to()`` and checkpoints see them.
+        override: the optimizer's hyper-parameters at inner step ``t`` as tensors,
+            ``t -> {"lr": [lr]}`` (one value for every parameter group, or one per group);
+            meta-gradients reach those that require grad. It is called at every step, so hold
+            the tensors as parameters of a module (as :class:`metaopt.MetaLearner` does) so that
+            ``.to()`` and checkpoints see them.
     """
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, loss_fn: LossFn,
                  adapted: Sequence[str] | None = None, first_order: bool = False,
-                 override: Mapping[str, torch.Tensor] | nn.ParameterDict | None = None) -> None:
+                 override: HyperParameters | None = None) -> None:
         self.model = model
         self.make_optimizer = make_optimizer
         self.loss_fn = loss_fn
         self.adapted = None if adapted is None else tuple(adapted)
         self.first_order = first_order
-        self.override = {} if override is None else override
+        self.override = override or (lambda t: {})
         probe = self._optimizer([name for name, p in model.named_parameters() if p.requires_grad])
-        unknown = sorted(set(self.override.keys()) - set(probe.defaults))
+        unknown = sorted(set(self.override(0)) - set(probe.defaults))
         if unknown:
             raise ValueError(f"override names {unknown}, which {type(probe).__name__} does not have; its "
                              f"hyper-parameters are {sorted(probe.defaults)}")
@@ -112,12 +114,13 @@ class HigherLoop:
             return list(gradients)
 
         context = higher.innerloop_ctx(self.model, self._optimizer(fast), copy_initial_weights=False,
-                                       override={k: [v] for k, v in self.override.items()},
                                        track_higher_grads=tracking)
         path = [params]
         with torch.enable_grad(), context as (fmodel, diffopt):
-            for _ in range(steps):
-                flat = diffopt.step(self.loss_fn(fmodel(x, params=flat), y), params=flat, grad_callback=checked)
+            for t in range(steps):
+                with inner_step(t):
+                    loss = self.loss_fn(fmodel(x, params=flat), y)
+                flat = diffopt.step(loss, params=flat, override=self.override(t), grad_callback=checked)
                 path.append({name: flat[position[name]] for name in params})
         if not tracking:
             path = [{k: v.detach() for k, v in theta.items()} for theta in path]

@@ -48,7 +48,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from metaopt.batchnorm import composite_batch_norm
+from metaopt.batchnorm import composite_batch_norm, inner_step
 from metaopt.functional import Params, grads, model_call, select
 from metaopt.rules import UpdateRule
 
@@ -100,7 +100,8 @@ def score_path(model: nn.Module, loss_fn: LossFn, path: Sequence[Params], query_
         w = weights[t - 1] if t > 0 else 0.0
         if not (w or track or t == steps):
             continue
-        out = model_call(model, theta, query_x)
+        with inner_step(max(t - 1, 0)):  # the query pass on θ_t belongs to the step that produced it
+            out = model_call(model, theta, query_x)
         step_loss = loss_fn(out, query_y)
         if w:
             loss = loss + w * step_loss
@@ -230,7 +231,9 @@ class InnerLoop:
 
     def _step(self, fast: Params, fixed: Params, state: Any, t: int, x: torch.Tensor, y: torch.Tensor,
               grad_fn: _GradFn) -> tuple[Params, Any]:
-        return self.rule.step(fast, grad_fn(fast, fixed, x, y), state, t)
+        with inner_step(t):
+            gradients = grad_fn(fast, fixed, x, y)
+        return self.rule.step(fast, gradients, state, t)
 
     def _inner_loss(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(model_call(self.model, {**fixed, **fast}, x), y)

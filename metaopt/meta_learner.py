@@ -42,8 +42,9 @@ from metaopt.functional import Params, model_call, named_params
 from metaopt.higher_backend import HigherLoop
 from metaopt.inner import InnerLoop, TaskOutputs, resolve_strategy
 from metaopt.rules import OptimizerFactory, UpdateRule
+from metaopt.schedules import multi_step_loss_weights
 
-__all__ = ["DRIVERS", "AdaptedModel", "MetaLearner", "head_parameter_names"]
+__all__ = ["DRIVERS", "AdaptedModel", "MetaLearner", "adapted_parameter_names", "head_parameter_names"]
 
 DRIVERS = ("func", "higher")
 
@@ -55,6 +56,25 @@ def head_parameter_names(model: nn.Module) -> list[str]:
         raise ValueError("the model has no parameters")
     head = owners[-1]
     return [f"{head}.{n}" if head else n for n, _ in model.get_submodule(head).named_parameters(recurse=False)]
+
+
+def adapted_parameter_names(model: nn.Module, adapt: str | Sequence[str]) -> list[str] | None:
+    """The names of the parameters the inner loop updates: ``None`` for ``"all"``, else a checked list.
+
+    Args:
+        adapt: ``"all"``, ``"head"`` (ANIL: :func:`head_parameter_names`) or parameter names.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if adapt == "all":
+        return None
+    if adapt == "head":
+        return head_parameter_names(model)
+    if isinstance(adapt, str):
+        raise ValueError(f"adapt must be 'all', 'head' or a list of parameter names, got {adapt!r}")
+    unknown = sorted(set(adapt) - set(names))
+    if unknown:
+        raise ValueError(f"adapt names unknown parameters {unknown}; the model has {names}")
+    return list(adapt)
 
 
 def default_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,9 +130,17 @@ class MetaLearner(nn.Module):
         adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or a list
             of parameter names.
         strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"``.
-        bn_policy: batch-norm policy, ``"batch"`` (MAML's) or ``"frozen"``.
+        bn_policy: batch-norm policy, ``"batch"`` (MAML's), ``"frozen"`` or ``"running"``
+            (:mod:`metaopt.batchnorm`; ``"running"`` updates shared statistics from every task, so
+            it needs the ``"loop"`` strategy, which ``"auto"`` then is).
         loss_fn: inner and outer loss; default cross-entropy for labels, MSE for regression.
         step_weights: outer-loss weights of the query loss after steps 1..K (default: last only).
+        msl_epochs: MAML++'s multi-step loss (MSL): the step weights follow
+            :func:`metaopt.schedules.multi_step_loss_weights` over this many epochs, then only the
+            last step counts. Evaluation always scores the last step.
+        second_order_from_epoch: MAML++'s derivative-order annealing (DA): first-order
+            meta-gradients before this epoch, second-order from it on (0: second-order from the
+            start, as every released MAML++ config; the official flag is this minus one).
         driver: inner-loop driver, ``"func"`` (torch.func, update rules) or ``"higher"``
             (``higher.innerloop_ctx``, ``torch.optim`` optimizers; tasks run as a loop).
         inner_optimizer: ``driver="higher"`` only: builds the inner optimizer over the adapted
@@ -134,7 +162,8 @@ class MetaLearner(nn.Module):
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
                  step_weights: Sequence[float] | None = None, driver: str = "func",
                  inner_optimizer: OptimizerFactory | None = None,
-                 override: Mapping[str, float | torch.Tensor] | None = None, checkpoint_steps: bool = False) -> None:
+                 override: Mapping[str, float | torch.Tensor] | None = None, checkpoint_steps: bool = False,
+                 msl_epochs: int | None = None, second_order_from_epoch: int | None = None) -> None:
         super().__init__()
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -143,6 +172,18 @@ class MetaLearner(nn.Module):
         if step_weights is not None and len(step_weights) != inner_steps:
             raise ValueError(f"{len(step_weights)} step_weights given for inner_steps={inner_steps}; give one "
                              "weight per inner step")
+        if msl_epochs is not None and (msl_epochs < 1 or step_weights is not None):
+            raise ValueError(f"msl_epochs must be >= 1 and replaces step_weights (give one of them), got "
+                             f"msl_epochs={msl_epochs}, step_weights={step_weights}")
+        if second_order_from_epoch is not None and (second_order_from_epoch < 0 or first_order):
+            raise ValueError("second_order_from_epoch (derivative-order annealing) must be >= 0 and switches to "
+                             "second order, so it cannot be combined with first_order=True")
+        bn_policy = BatchNormPolicy(bn_policy)
+        if bn_policy is BatchNormPolicy.RUNNING:
+            if strategy == "vmap":
+                raise ValueError("bn_policy='running' updates the model's running statistics from every task, "
+                                 "which vmap cannot do; use strategy='loop' (or 'auto')")
+            strategy = "loop"
         resolve_strategy(strategy, torch.device("cpu"), checkpoint_steps)
         self.model = model
         self.rule = rule
@@ -151,10 +192,13 @@ class MetaLearner(nn.Module):
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.strategy = strategy
         self.driver = driver
-        self.bn_policy = BatchNormPolicy(bn_policy)
+        self.bn_policy = bn_policy
         self.step_weights = None if step_weights is None else list(step_weights)
-        self.inner = self._driver(loss_fn, self._adapted_names(adapt), first_order, inner_optimizer, override,
-                                  checkpoint_steps)
+        self.msl_epochs = msl_epochs
+        self.second_order_from_epoch = second_order_from_epoch
+        adapted = adapted_parameter_names(model, adapt)
+        self.inner = self._driver(loss_fn, adapted, first_order, inner_optimizer, override, checkpoint_steps)
+        self.set_epoch(0)
 
     def _driver(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], adapted: list[str] | None,
                 first_order: bool, inner_optimizer: OptimizerFactory | None,
@@ -176,12 +220,20 @@ class MetaLearner(nn.Module):
             raise ValueError("driver='higher' takes either a rule with a torch.optim counterpart (e.g. sgd) or "
                              "inner_optimizer=..., exactly one of them")
         if self.rule is None:
-            return HigherLoop(self.model, inner_optimizer, loss_fn, adapted, first_order, self.override)
+            return HigherLoop(self.model, inner_optimizer, loss_fn, adapted, first_order,
+                              lambda t: {k: [v] for k, v in self.override.items()})
         if override is not None:
             raise ValueError("override sets hyper-parameters of inner_optimizer; a rule's meta-parameters are its "
                              "own (e.g. sgd(lr, learnable=True))")
         make_optimizer, learned = self.rule.torch_optimizer()
         return HigherLoop(self.model, make_optimizer, loss_fn, adapted, first_order, learned)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Apply the epoch schedules (MSL weights, derivative order); the trainer calls it before every meta-update."""
+        if self.msl_epochs is not None:
+            self.step_weights = multi_step_loss_weights(self.inner_steps, epoch, self.msl_epochs)
+        if self.second_order_from_epoch is not None:
+            self.first_order = epoch < self.second_order_from_epoch
 
     @property
     def first_order(self) -> bool:
@@ -190,19 +242,6 @@ class MetaLearner(nn.Module):
     @first_order.setter
     def first_order(self, value: bool) -> None:
         self.inner.first_order = value
-
-    def _adapted_names(self, adapt: str | Sequence[str]) -> list[str] | None:
-        names = [n for n, _ in self.model.named_parameters()]
-        if adapt == "all":
-            return None
-        if adapt == "head":
-            return head_parameter_names(self.model)
-        if isinstance(adapt, str):
-            raise ValueError(f"adapt must be 'all', 'head' or a list of parameter names, got {adapt!r}")
-        unknown = sorted(set(adapt) - set(names))
-        if unknown:
-            raise ValueError(f"adapt names unknown parameters {unknown}; the model has {names}")
-        return list(adapt)
 
     def meta_loss(self, batch: Episode, steps: int | None = None, track_steps: bool = False,
                   ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -238,7 +277,7 @@ class MetaLearner(nn.Module):
             batch = Episode.stack([batch])
         steps = _check_steps(self.inner_steps if steps is None else steps)
         weights = self.step_weights if steps == self.inner_steps and not final_step_only else None
-        with batchnorm_policy(self.model, self.bn_policy):
+        with batchnorm_policy(self.model, self.bn_policy, update=self.training and torch.is_grad_enabled()):
             return self.inner.run_tasks(named_params(self.model), *batch.tensors(), steps=steps, weights=weights,
                                         strategy=self.strategy, track=track_steps)
 

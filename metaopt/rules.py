@@ -25,10 +25,13 @@ from torch import nn
 
 from metaopt.functional import Params
 
-__all__ = ["OptimizerFactory", "UpdateRule", "sgd"]
+__all__ = ["HyperParameters", "LearnedRates", "OptimizerFactory", "UpdateRule", "meta_sgd", "per_step_sgd", "sgd"]
 
 #: Builds a ``torch.optim`` optimizer over the parameters it is given (the ``higher`` driver's inner optimizer).
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+#: The meta-learned hyper-parameters of a ``torch.optim`` optimizer at inner step ``t``, as ``higher``'s
+#: ``override`` takes them: name -> one tensor for every parameter group, or one per group.
+HyperParameters = Callable[[int], dict[str, list[torch.Tensor]]]
 
 
 class UpdateRule(nn.Module):
@@ -42,13 +45,13 @@ class UpdateRule(nn.Module):
     def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
         raise NotImplementedError
 
-    def torch_optimizer(self) -> tuple[OptimizerFactory, dict[str, torch.Tensor]]:
+    def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
         """The same rule as a ``torch.optim`` optimizer, for the ``higher`` driver.
 
         Returns:
             A factory ``params -> torch.optim.Optimizer`` and the rule's meta-learned
-            hyper-parameters (its ``nn.Parameter`` s), which ``higher`` receives as ``override`` so
-            that meta-gradients reach them.
+            hyper-parameters at each inner step (its ``nn.Parameter`` s), which ``higher``
+            receives as ``override`` so that meta-gradients reach them.
 
         Raises:
             NotImplementedError: the rule has no ``torch.optim`` counterpart.
@@ -70,9 +73,10 @@ class _SGD(UpdateRule):
         del t
         return {name: p - self.lr * grads[name] for name, p in params.items()}, state
 
-    def torch_optimizer(self) -> tuple[OptimizerFactory, dict[str, torch.Tensor]]:
-        learned = {"lr": self.lr} if isinstance(self.lr, nn.Parameter) else {}
-        return (lambda params: torch.optim.SGD(params, lr=self.lr.item())), learned
+    def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
+        learnable = isinstance(self.lr, nn.Parameter)
+        return (lambda params: torch.optim.SGD(params, lr=self.lr.item())), \
+            (lambda t: {"lr": [self.lr]} if learnable else {})
 
     def extra_repr(self) -> str:
         return f"lr={self.lr.item():g}, learnable={isinstance(self.lr, nn.Parameter)}"
@@ -88,3 +92,113 @@ def sgd(lr: float, learnable: bool = False) -> UpdateRule:
     if not lr > 0:
         raise ValueError(f"inner learning rate must be > 0, got {lr}")
     return _SGD(lr, learnable)
+
+
+def _key(name: str) -> str:
+    """A parameter name as a ``ParameterDict`` key (no dots allowed there)."""
+    return name.replace(".", "-")
+
+
+class LearnedRates(UpdateRule):
+    """Gradient descent with meta-learned step sizes ``θ ← θ - α[name] ∘ ∇L``, one tensor of rates per parameter.
+
+    Per step (LSLR, ``per_step=True``): ``α[name]`` has shape ``[steps]`` and step ``t`` uses
+    entry ``min(t, steps - 1)``, so evaluation with more steps than training reuses the last
+    step's rates. Per entry (Meta-SGD): ``α[name]`` has the shape of the parameter and every
+    step uses it whole. Build it with :func:`per_step_sgd` or :func:`meta_sgd`.
+
+    Args:
+        rates: initial rates by parameter name.
+        per_step: the leading dimension of every rate tensor indexes the inner step.
+    """
+
+    def __init__(self, rates: dict[str, torch.Tensor], per_step: bool) -> None:
+        super().__init__()
+        if not rates:
+            raise ValueError("LearnedRates needs at least one parameter to adapt")
+        self.names = list(rates)
+        self.per_step = per_step
+        self.rates = nn.ParameterDict({_key(name): nn.Parameter(value.detach().clone())
+                                       for name, value in rates.items()})
+
+    def rate(self, name: str, t: int) -> torch.Tensor:
+        """The step size of parameter ``name`` at inner step ``t``."""
+        if _key(name) not in self.rates:
+            raise ValueError(f"{type(self).__name__} has no learned rate for parameter {name!r}; it was built for "
+                             f"{self.names}; build the rule for the parameters the inner loop adapts")
+        rates = self.rates[_key(name)]
+        return rates[min(t, len(rates) - 1)] if self.per_step else rates
+
+    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
+        return {name: p - self.rate(name, t) * grads[name] for name, p in params.items()}, state
+
+    def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
+        if not self.per_step:
+            return super().torch_optimizer()
+
+        def one_group_per_parameter(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            if len(params) != len(self.names):
+                raise ValueError(f"the per-step rates were built for {len(self.names)} parameters ({self.names}), "
+                                 f"but the inner loop adapts {len(params)}; build the rule for the adapted ones")
+            return torch.optim.SGD([{"params": [p]} for p in params], lr=1.0)
+
+        return one_group_per_parameter, lambda t: {"lr": [self.rate(name, t) for name in self.names]}
+
+    def extra_repr(self) -> str:
+        return f"parameters={len(self.names)}, per_step={self.per_step}"
+
+
+def per_step_sgd(params: Params, steps: int, lr: float) -> LearnedRates:
+    """Learned per-layer per-step learning rates (LSLR; Antoniou et al. 2019, §4).
+
+    One learnable rate per parameter tensor (weights and biases separately) and inner step,
+    all starting at ``lr``. (The official MAML++ code starts every rate at its ``task_learning_rate``
+    flag, 0.1 by default, whatever the config's ``init_inner_loop_learning_rate`` says; here the
+    start is what you pass.)
+
+    Args:
+        params: the parameters the inner loop adapts, by name (only names and tensors' dtypes are used).
+        steps: inner steps during meta-training.
+        lr: initial rate of every parameter and step.
+
+    Example:
+        >>> rule = per_step_sgd({"w": torch.zeros(3, 2), "b": torch.zeros(3)}, steps=5, lr=0.1)
+        >>> round(rule.rate("w", 0).item(), 6), tuple(rule.rates["w"].shape)
+        (0.1, (5,))
+    """
+    if steps < 1:
+        raise ValueError(f"per_step_sgd needs steps >= 1, got {steps}")
+    return LearnedRates({name: torch.full((steps,), float(lr), dtype=p.dtype, device=p.device)
+                         for name, p in params.items()},
+                        per_step=True)
+
+
+def meta_sgd(params: Params, init: float | tuple[float, float] = (0.005, 0.1),
+             generator: torch.Generator | None = None) -> LearnedRates:
+    """Meta-SGD's learned step sizes (Li et al. 2017, §3): one rate per parameter entry.
+
+    ``θ' = θ - α ∘ ∇L(θ)`` with ``α`` of exactly the shape of ``θ``, learned jointly with ``θ``;
+    its sign is free, so it learns a direction as well as a step size.
+
+    Args:
+        params: the parameters the inner loop adapts, by name.
+        init: ``(low, high)`` for rates drawn uniformly (the paper: ``[0.005, 0.1]``) or one
+            constant (learn2learn's choice: its ``lr``).
+        generator: random generator for the uniform draw (default: torch's global one).
+
+    Example:
+        >>> rule = meta_sgd({"w": torch.zeros(3, 2)}, init=0.01)
+        >>> rule.rate("w", 0).shape
+        torch.Size([3, 2])
+    """
+    rates = {}
+    for name, p in params.items():
+        if isinstance(init, tuple):
+            low, high = init
+            if not 0 <= low <= high:
+                raise ValueError(f"meta_sgd's uniform init needs 0 <= low <= high, got {init}")
+            drawn = torch.empty(p.shape, dtype=p.dtype).uniform_(low, high, generator=generator)
+            rates[name] = drawn.to(p.device)
+        else:
+            rates[name] = torch.full(p.shape, float(init), dtype=p.dtype, device=p.device)
+    return LearnedRates(rates, per_step=False)

@@ -60,6 +60,7 @@ from metaopt.evaluation import EvalResult, evaluate
 from metaopt.logging import RunLogger
 from metaopt.meta_learner import MetaLearner
 from metaopt.sampling import TaskSampler
+from metaopt.schedules import cosine_meta_lr
 
 __all__ = ["RESUMABLE_CHANGES", "MetaTrainer", "NonFiniteError"]
 
@@ -74,15 +75,17 @@ class NonFiniteError(RuntimeError):
 
 
 class _Clock:
-    """Training time (meta-updates only) and total wall time of a run, and the throughput of its meta-updates.
+    """Training time (meta-updates only, wall and CPU) and total wall time of a run, and its throughput.
 
     Args:
-        train_s: training time already spent (a resumed run).
+        train_s: training wall time already spent (a resumed run).
         total_s: total wall time already spent (a resumed run).
+        train_cpu_s: CPU time of this process (all its threads) spent in meta-updates (a resumed run).
     """
 
-    def __init__(self, train_s: float = 0.0, total_s: float = 0.0) -> None:
+    def __init__(self, train_s: float = 0.0, total_s: float = 0.0, train_cpu_s: float = 0.0) -> None:
         self.train_s = train_s
+        self.train_cpu_s = train_cpu_s
         self._started = time.perf_counter() - total_s
         self._seconds = 0.0  # meta-update time and tasks since the last throughput reading
         self._tasks = 0
@@ -94,10 +97,11 @@ class _Clock:
     @contextlib.contextmanager
     def measure(self, tasks: int) -> Iterator[None]:
         """Count the time of the block, a meta-update on ``tasks`` tasks, as training time."""
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         yield
         seconds = time.perf_counter() - tic
         self.train_s += seconds
+        self.train_cpu_s += time.process_time() - cpu_tic
         self._seconds += seconds
         self._tasks += tasks
 
@@ -108,8 +112,8 @@ class _Clock:
         return figures
 
     def read(self) -> dict[str, float]:
-        """Training time and total wall time so far, in seconds."""
-        return {"train_s": self.train_s, "total_s": self.total_s}
+        """Training wall time, training CPU time and total wall time so far, in seconds."""
+        return {"train_s": self.train_s, "total_s": self.total_s, "train_cpu_s": self.train_cpu_s}
 
 
 class MetaTrainer:
@@ -141,13 +145,23 @@ class MetaTrainer:
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self._params, lr=config.meta_lr)
         else:
             self.optimizer = torch.optim.SGD(self._params, lr=config.meta_lr)
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.iterations)
+        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
                           if config.lr_schedule == "cosine" else None)
         self.iteration = 0
         self.best: dict[str, Any] | None = None
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self._clock = _Clock()
         self._saved_iteration: int | None = None
+
+    def epoch(self, iteration: int) -> int:
+        """The epoch of meta-iteration ``iteration`` (``config.epoch_length`` iterations each)."""
+        return iteration // self.config.epoch_length
+
+    def _cosine_factor(self, iteration: int) -> float:
+        """Meta learning rate at ``iteration`` relative to ``meta_lr``: cosine annealing per epoch (MAML++ CA)."""
+        config = self.config
+        epochs = max(1, math.ceil(config.iterations / config.epoch_length))
+        return cosine_meta_lr(1.0, config.min_meta_lr / config.meta_lr, self.epoch(iteration), epochs)
 
     # ----------------------------------------------------------------------------------- state
 
@@ -235,7 +249,8 @@ class MetaTrainer:
 
     def _out_of_time(self) -> bool:
         budget = self.config.time_budget
-        return budget is not None and self._clock.train_s >= 60 * budget
+        spent = self._clock.train_cpu_s if self.config.budget_clock == "cpu" else self._clock.train_s
+        return budget is not None and spent >= 60 * budget
 
     def _iterate(self, log: RunLogger) -> tuple[float, dict[str, Any] | None]:
         """One meta-update, then logging, evaluation and checkpoints when due; the loss and the evaluation.
@@ -258,7 +273,8 @@ class MetaTrainer:
             new_best = self._update_best(result)
         if record:
             times = self._clock.read()
-            log.log(done, {**record, "time/train_s": times["train_s"], "time/elapsed_s": times["total_s"]})
+            log.log(done, {**record, "time/train_s": times["train_s"], "time/train_cpu_s": times["train_cpu_s"],
+                           "time/elapsed_s": times["total_s"]})
         if new_best:
             self._save("best.pt")
         if new_best or done % config.checkpoint_every == 0 or last:
@@ -297,6 +313,7 @@ class MetaTrainer:
         """One meta-update on the next meta-batch; non-finite ones are skipped and counted."""
         batch = self.train_tasks.batch(self.iteration).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        self.algorithm.set_epoch(self.epoch(self.iteration))
         loss, metrics = self.algorithm.meta_loss(batch, track_steps=track_steps)
         grad_norm = float("nan")
         if math.isfinite(metrics["loss"]):

@@ -180,10 +180,34 @@ def test_clipping_by_value():
 
 
 def test_cosine_schedule_anneals_the_meta_lr(tmp_path):
-    MetaTrainer(maml(), tasks(), config(lr_schedule="cosine", meta_lr=0.1, log_every=1), run_dir=tmp_path).fit()
+    MetaTrainer(maml(), tasks(), config(lr_schedule="cosine", meta_lr=0.1, log_every=1, epoch_length=1),
+                run_dir=tmp_path).fit()
     rates = [r["lr/meta"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert rates[0] == pytest.approx(0.1 * (1 + math.cos(math.pi / 20)) / 2)
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_steps_once_per_epoch_down_to_the_minimum(tmp_path):
+    """MAML++'s CA: ``CosineAnnealingLR(T_max=epochs, eta_min)`` stepped per epoch (here 4 epochs of 5 iterations)."""
+    MetaTrainer(maml(), tasks(), config(lr_schedule="cosine", meta_lr=0.1, min_meta_lr=0.01, log_every=1,
+                                        epoch_length=5), run_dir=tmp_path).fit()
+    rates = [r["lr/meta"] for r in read_metrics(tmp_path / "metrics.jsonl")]  # logged after iterations 1..20
+    expected = [0.01 + 0.09 * (1 + math.cos(math.pi * min(i // 5, 4) / 4)) / 2 for i in range(1, 21)]
+    assert rates == pytest.approx(expected)
+    assert len(set(rates[:4])) == 1 and rates[0] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.01)
+
+
+def test_the_trainer_sets_the_epoch_before_every_meta_update():
+    seen = []
+
+    class Recording(MAML):
+        def set_epoch(self, epoch: int) -> None:
+            seen.append(epoch)
+
+    learner = Recording(MLP(1, 1, hidden=(4,)), inner_lr=0.01)
+    seen.clear()
+    MetaTrainer(learner, tasks(), config(iterations=7, epoch_length=3)).fit()
+    assert seen == [0, 0, 0, 1, 1, 1, 2]
 
 
 def test_best_checkpoint_has_the_lowest_mse(tmp_path):
@@ -269,6 +293,18 @@ def test_time_budget_stops_after_the_meta_update_that_spends_it_and_leaves_valid
     assert "val/mse" in last and summary["val"]["mean"] == last["val/mse"]
     checkpoint = load_checkpoint(tmp_path / "last.pt")
     assert checkpoint["iteration"] == iterations and checkpoint["time"]["train_s"] == summary["time"]["train_s"]
+
+
+def test_a_cpu_time_budget_does_not_count_waiting(tmp_path):
+    """budget_clock='cpu': a meta-batch that sleeps 20 ms (as if another process had the core) costs no budget."""
+    budget_s = 0.05
+    summary = MetaTrainer(maml(), SlowTasks(0.02, shots=5, batch_size=4, seed=0),
+                          config(iterations=10000, time_budget=budget_s / 60, budget_clock="cpu", log_every=1),
+                          run_dir=tmp_path).fit()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert summary["stopped_by"] == "time_budget"
+    assert records[-2]["time/train_cpu_s"] < budget_s <= records[-1]["time/train_cpu_s"]
+    assert summary["time"]["train_s"] > summary["time"]["train_cpu_s"] + 0.015 * summary["iteration"]
 
 
 def test_a_resumed_run_continues_the_time_budget(tmp_path):
