@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from metaopt.algorithms.arml import ARML
 from metaopt.algorithms.maml import MAML
 from metaopt.algorithms.mamlpp import MAMLPlusPlus
 from metaopt.algorithms.metasgd import MetaSGD
-from metaopt.config import ExperimentConfig
+from metaopt.algorithms.mtnet import MTNet
+from metaopt.config import ConfigError, ExperimentConfig
 from metaopt.registry import register_algorithm
 
-__all__ = ["MAML", "MAMLPlusPlus", "MetaSGD", "build_maml", "build_mamlpp", "build_metasgd"]
+__all__ = ["ARML", "MAML", "MAMLPlusPlus", "MTNet", "MetaSGD", "build_arml", "build_maml", "build_mamlpp",
+           "build_metasgd", "build_mtnet", "build_tnet"]
 
 
 def _engine_options(config: ExperimentConfig) -> dict:
@@ -49,3 +52,39 @@ def build_metasgd(model: nn.Module, config: ExperimentConfig) -> MetaSGD:
     init = (0.005, 0.1) if config.metasgd_init == "uniform" else config.inner_lr
     return MetaSGD(model, init=init, inner_steps=config.inner_steps, first_order=config.first_order,
                    adapt=config.adapt_spec(), **_engine_options(config))
+
+
+@register_algorithm("mtnet")
+def build_mtnet(model: nn.Module, config: ExperimentConfig) -> MTNet:
+    """MT-net: T after every layer and per-task masks (``mtnet_mask`` "unit" or "weight")."""
+    return MTNet(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, mask=config.mtnet_mask,
+                 first_order=config.first_order, **_engine_options(config))
+
+
+@register_algorithm("tnet")
+def build_tnet(model: nn.Module, config: ExperimentConfig) -> MTNet:
+    """T-net: MT-net's transformations T without the masks."""
+    return MTNet(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, mask=None,
+                 first_order=config.first_order, **_engine_options(config))
+
+
+def _input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The example shape ARML's default embedding needs: ``(channels, 0, 0)`` for a convnet (its pooling is
+    adaptive, so the image side does not matter), ``(features,)`` for an MLP."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return (module.in_channels, 0, 0)
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+    raise ConfigError("ARML's embedding needs a model that starts with a Conv2d or a Linear layer")
+
+
+@register_algorithm("arml")
+def build_arml(model: nn.Module, config: ExperimentConfig) -> ARML:
+    """ARML with ``arml_vertices`` knowledge vertices, bandwidth ``arml_sigma`` and loss weight ``arml_loss_weight``."""
+    if config.ways is None:
+        raise ConfigError("ARML builds class prototypes: it needs a classification dataset with ways set")
+    return ARML(model, ways=config.ways, input_shape=_input_shape(model), inner_lr=config.inner_lr,
+                inner_steps=config.inner_steps, vertices=config.arml_vertices, sigma=config.arml_sigma,
+                loss_weight=config.arml_loss_weight, first_order=config.first_order, adapt=config.adapt_spec(),
+                **_engine_options(config))

@@ -45,6 +45,7 @@ LR_SCHEDULES = ("constant", "cosine")
 BUDGET_CLOCKS = ("wall", "cpu")
 MODELS = ("mlp", "conv4")
 METASGD_INITS = ("uniform", "constant")
+MTNET_MASKS = ("unit", "weight")
 
 
 class ConfigError(ValueError):
@@ -227,6 +228,11 @@ class ExperimentConfig(TrainerConfig):
         per_step_lr: MAML++ learned per-layer per-step learning rates, starting at ``inner_lr`` (LSLR).
         metasgd_init: Meta-SGD's initial step sizes: ``"uniform"`` in [0.005, 0.1] (the paper)
             or ``"constant"`` (every entry ``inner_lr``, as learn2learn).
+        mtnet_mask: MT-net's mask logits: ``"unit"`` (one per output unit, the paper's) or
+            ``"weight"`` (one per weight entry); algorithm ``"tnet"`` has none.
+        arml_vertices: ARML's meta-knowledge graph vertices.
+        arml_sigma: ARML's prototype-to-vertex Gaussian bandwidth.
+        arml_loss_weight: ARML's weight μ of the two reconstruction losses.
         meta_batch: tasks per meta-batch.
         seed: fixes the model's initialisation and the task streams; train, validation and
             test tasks use the distinct seeds ``3·seed``, ``3·seed + 1`` and ``3·seed + 2``.
@@ -260,6 +266,10 @@ class ExperimentConfig(TrainerConfig):
     per_step_bn_weights: bool = False
     per_step_lr: bool = False
     metasgd_init: str = "uniform"
+    mtnet_mask: str = "unit"
+    arml_vertices: int = 4
+    arml_sigma: float = 8.0
+    arml_loss_weight: float = 0.01
     meta_batch: int = 25
     seed: int = 0
     device: str = "auto"
@@ -268,7 +278,7 @@ class ExperimentConfig(TrainerConfig):
     def _check(self) -> None:
         super()._check()
         positive = ("ways", "shots", "query", "eval_query", "filters", "inner_lr", "inner_steps", "eval_inner_steps",
-                    "meta_batch", "msl_epochs")
+                    "meta_batch", "msl_epochs", "arml_vertices", "arml_sigma")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -284,6 +294,9 @@ class ExperimentConfig(TrainerConfig):
         self._check_choice("strategy", STRATEGIES)
         self._check_choice("bn_policy", tuple(p.value for p in BatchNormPolicy))
         self._check_choice("metasgd_init", METASGD_INITS)
+        self._check_choice("mtnet_mask", MTNET_MASKS)
+        if self.arml_loss_weight < 0:
+            raise ConfigError(f"config field 'arml_loss_weight' must be >= 0, got {self.arml_loss_weight}")
         if self.second_order_from_epoch is not None and self.second_order_from_epoch < 0:
             raise ConfigError("config field 'second_order_from_epoch' must be >= 0, got "
                               f"{self.second_order_from_epoch}")

@@ -52,11 +52,13 @@ from metaopt.batchnorm import composite_batch_norm, inner_step
 from metaopt.functional import Params, grads, model_call, select
 from metaopt.rules import UpdateRule
 
-__all__ = ["STRATEGIES", "InnerLoop", "LossFn", "TaskOutputs", "resolve_strategy", "resolve_weights", "score_path",
-           "stack_tasks"]
+__all__ = ["STRATEGIES", "InnerLoop", "LossFn", "TaskInit", "TaskOutputs", "resolve_strategy", "resolve_weights",
+           "score_path", "stack_tasks"]
 
 STRATEGIES = ("auto", "loop", "vmap")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(θ_0, support_x, support_y) -> (θ_0 of this task, extra outer loss)``: a per-task initialisation (ARML).
+TaskInit = Callable[[Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
 _GradFn = Callable[[Params, Params, torch.Tensor, torch.Tensor], Params]
 
 
@@ -188,6 +190,11 @@ class InnerLoop:
             that writes to the model's buffers (batch norm in training mode with running
             statistics, outside :func:`metaopt.batchnorm.batchnorm_policy`) writes again when
             recomputed.
+
+    Attributes:
+        task_init: ``None``, or a :data:`TaskInit` that turns the shared θ_0 into each task's
+            starting point from its support set and adds a term to its outer loss (ARML's
+            gated initialisation); it runs inside the vmapped function, so per task.
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule, loss_fn: LossFn, adapted: Sequence[str] | None = None,
@@ -198,6 +205,7 @@ class InnerLoop:
         self.adapted = None if adapted is None else tuple(adapted)
         self.first_order = first_order
         self.checkpoint_steps = checkpoint_steps
+        self.task_init: TaskInit | None = None
 
     def _split(self, params: Params) -> tuple[Params, Params]:
         fast = params if self.adapted is None else select(params, self.adapted)
@@ -254,11 +262,15 @@ class InnerLoop:
                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
                      track: bool, grad_fn: _GradFn | None = None) -> tuple[torch.Tensor, ...]:
         """Outer loss, per-step query losses and accuracy of one task (tensors, vmap-friendly)."""
+        extra = None
+        if self.task_init is not None:
+            params, extra = self.task_init(params, support_x, support_y)
         if grad_fn is None:
             path = self.adapt(params, support_x, support_y, steps)
         else:
             path = self._unroll(params, support_x, support_y, steps, grad_fn)
-        return score_path(self.model, self.loss_fn, path, query_x, query_y, weights, track)
+        loss, tracked, accuracy = score_path(self.model, self.loss_fn, path, query_x, query_y, weights, track)
+        return (loss if extra is None else loss + extra), tracked, accuracy
 
     def run_tasks(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
                   query_y: torch.Tensor, steps: int, weights: Sequence[float] | None = None,

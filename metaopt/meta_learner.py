@@ -290,8 +290,11 @@ class MetaLearner(nn.Module):
         if episode.is_batched:
             raise ValueError("adapt takes a single-task episode; index the batch (batch[i]) or use meta_loss")
         steps = _check_steps(self.eval_inner_steps if steps is None else steps)
+        params = named_params(self.model)
         with batchnorm_policy(self.model, self.bn_policy):
-            path = self.inner.adapt(named_params(self.model), episode.support_x, episode.support_y, steps)
+            if getattr(self.inner, "task_init", None) is not None:
+                params, _ = self.inner.task_init(params, episode.support_x, episode.support_y)
+            path = self.inner.adapt(params, episode.support_x, episode.support_y, steps)
         return AdaptedModel(self.model, path[-1], self.bn_policy)
 
     @torch.no_grad()
