@@ -59,7 +59,7 @@ STRATEGIES = ("auto", "loop", "vmap")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``(θ_0, support_x, support_y) -> (θ_0 of this task, extra outer loss)``: a per-task initialisation (ARML).
 TaskInit = Callable[[Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
-_GradFn = Callable[[Params, Params, torch.Tensor, torch.Tensor], Params]
+_GradFn = Callable[[Params, Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]  # gradients, loss
 
 
 def resolve_strategy(strategy: str, device: torch.device, checkpoint_steps: bool = False) -> str:
@@ -240,23 +240,30 @@ class InnerLoop:
     def _step(self, fast: Params, fixed: Params, state: Any, t: int, x: torch.Tensor, y: torch.Tensor,
               grad_fn: _GradFn) -> tuple[Params, Any]:
         with inner_step(t):
-            gradients = grad_fn(fast, fixed, x, y)
+            gradients, loss = grad_fn(fast, fixed, x, y)
+        if self.rule.needs_loss:
+            return self.rule.step(fast, gradients, state, t, loss=loss.detach())
         return self.rule.step(fast, gradients, state, t)
 
     def _inner_loss(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(model_call(self.model, {**fixed, **fast}, x), y)
 
-    def _autograd_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
-        return grads(self._inner_loss(fast, fixed, x, y), fast, create_graph=not self.first_order)
+    def _autograd_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
+                        ) -> tuple[Params, torch.Tensor]:
+        loss = self._inner_loss(fast, fixed, x, y)
+        return grads(loss, fast, create_graph=not self.first_order), loss
 
-    def _detached_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
+    def _detached_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
+                        ) -> tuple[Params, torch.Tensor]:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            return grads(self._inner_loss(leaves, fixed, x, y), leaves, create_graph=False)
+            loss = self._inner_loss(leaves, fixed, x, y)
+            return grads(loss, leaves, create_graph=False), loss.detach()
 
-    def _func_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
-        g = torch.func.grad(lambda p: self._inner_loss(p, fixed, x, y))(fast)
-        return {k: v.detach() for k, v in g.items()} if self.first_order else g
+    def _func_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
+                    ) -> tuple[Params, torch.Tensor]:
+        g, loss = torch.func.grad_and_value(lambda p: self._inner_loss(p, fixed, x, y))(fast)
+        return ({k: v.detach() for k, v in g.items()} if self.first_order else g), loss
 
     def task_outputs(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],

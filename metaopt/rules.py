@@ -35,7 +35,13 @@ HyperParameters = Callable[[int], dict[str, list[torch.Tensor]]]
 
 
 class UpdateRule(nn.Module):
-    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, t)``."""
+    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, t)``.
+
+    A rule that also reads the inner loss (the Ravi & Larochelle meta-learner) sets
+    ``needs_loss = True`` and takes it as ``step(..., loss=L_in(θ_t))`` (detached).
+    """
+
+    needs_loss: bool = False
 
     def init(self, params: Params) -> Any:
         """The rule's state before the first inner step (stateless rules return ``()``)."""

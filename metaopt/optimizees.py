@@ -1,0 +1,105 @@
+"""Optimizee families: the training problems a learned optimizer is meta-trained and tested on.
+
+An :class:`Optimizee` is one problem: its starting parameters and a loss ``f(θ, step)`` (the
+step picks the minibatch of stochastic problems, so a run is reproducible). An
+:class:`OptimizeeFamily` draws problems from a seed, so training, validation and test problems
+are disjoint streams.
+
+:class:`Quadratics` is the random quadratic family of Andrychowicz et al. 2016 (§3.1),
+``f(θ) = ||W θ - y||²`` with 10×10 ``W`` and 10-d ``y``, in one of two conventions that give
+losses orders of magnitude apart, so results must name theirs:
+
+* ``"gaussian"`` (the paper's): ``W``, ``y`` and ``θ_0`` drawn from N(0, 1);
+* ``"uniform"`` (google-deepmind/learning-to-learn ``problems.py``): ``W``, ``y`` from U[0, 1],
+  ``θ_0`` from N(0, 0.01²).
+
+A problem is a batch of ``batch`` independent functions (128 in the reference code); its loss
+is their mean, and each function's own parameters are separate coordinates.
+
+Example:
+    >>> family = Quadratics(dim=10, batch=4, convention="gaussian")
+    >>> problem = family.sample(seed=0)
+    >>> theta = problem.init_params()
+    >>> tuple(theta["theta"].shape), problem.loss(theta, step=0).shape
+    ((4, 10), torch.Size([]))
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["CONVENTIONS", "Optimizee", "OptimizeeFamily", "Quadratic", "Quadratics"]
+
+CONVENTIONS = ("gaussian", "uniform")
+
+
+@runtime_checkable
+class Optimizee(Protocol):
+    """One training problem."""
+
+    def init_params(self) -> dict[str, torch.Tensor]:
+        """The starting parameters θ_0 (fresh tensors, the same at every call)."""
+        ...
+
+    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The scalar loss of ``params`` at optimisation step ``step`` (which picks the minibatch)."""
+        ...
+
+
+@runtime_checkable
+class OptimizeeFamily(Protocol):
+    """A distribution over problems; ``sample(seed)`` is a pure function of the seed."""
+
+    def sample(self, seed: int) -> Optimizee:
+        ...
+
+
+class Quadratic:
+    """A batch of quadratics ``f_b(θ_b) = ||W_b θ_b - y_b||²``; the loss is their mean over ``b``."""
+
+    def __init__(self, w: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor) -> None:
+        self.w, self.y, self.theta0 = w, y, theta0
+
+    def init_params(self) -> dict[str, torch.Tensor]:
+        return {"theta": self.theta0.clone()}
+
+    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        del step
+        return self.losses(params).mean()
+
+    def losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of every function of the batch, ``[batch]``."""
+        residual = torch.einsum("bij,bj->bi", self.w, params["theta"]) - self.y
+        return residual.square().sum(-1)
+
+
+class Quadratics:
+    """Random quadratics of Andrychowicz et al. 2016 (§3.1) in a named convention.
+
+    Args:
+        dim: dimension of θ and y (10 in the paper).
+        batch: functions per problem.
+        convention: ``"gaussian"`` (paper) or ``"uniform"`` (reference code), see the module docs.
+        dtype: floating type of the problems.
+    """
+
+    def __init__(self, dim: int = 10, batch: int = 128, convention: str = "gaussian",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown quadratic convention {convention!r}; choose one of {CONVENTIONS}")
+        if dim < 1 or batch < 1:
+            raise ValueError(f"dim and batch must be >= 1, got dim={dim}, batch={batch}")
+        self.dim, self.batch, self.convention, self.dtype = dim, batch, convention, dtype
+
+    def sample(self, seed: int) -> Quadratic:
+        g = torch.Generator().manual_seed(seed)
+        shape_w, shape_y = (self.batch, self.dim, self.dim), (self.batch, self.dim)
+        if self.convention == "gaussian":
+            w, y = torch.randn(shape_w, generator=g), torch.randn(shape_y, generator=g)
+            theta0 = torch.randn(shape_y, generator=g)
+        else:
+            w, y = torch.rand(shape_w, generator=g), torch.rand(shape_y, generator=g)
+            theta0 = 0.01 * torch.randn(shape_y, generator=g)
+        return Quadratic(w.to(self.dtype), y.to(self.dtype), theta0.to(self.dtype))
