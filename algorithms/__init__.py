@@ -11,13 +11,14 @@ from torch import nn
 from metaopt.algorithms.arml import ARML
 from metaopt.algorithms.maml import MAML
 from metaopt.algorithms.mamlpp import MAMLPlusPlus
+from metaopt.algorithms.metalstm import MetaLSTM
 from metaopt.algorithms.metasgd import MetaSGD
 from metaopt.algorithms.mtnet import MTNet
 from metaopt.config import ConfigError, ExperimentConfig
 from metaopt.registry import register_algorithm
 
-__all__ = ["ARML", "MAML", "MAMLPlusPlus", "MTNet", "MetaSGD", "build_arml", "build_maml", "build_mamlpp",
-           "build_metasgd", "build_mtnet", "build_tnet"]
+__all__ = ["ARML", "MAML", "MAMLPlusPlus", "MTNet", "MetaLSTM", "MetaSGD", "build_arml", "build_maml", "build_mamlpp",
+           "build_metalstm", "build_metasgd", "build_mtnet", "build_tnet"]
 
 
 def _engine_options(config: ExperimentConfig) -> dict:
@@ -88,3 +89,11 @@ def build_arml(model: nn.Module, config: ExperimentConfig) -> ARML:
                 inner_steps=config.inner_steps, vertices=config.arml_vertices, sigma=config.arml_sigma,
                 loss_weight=config.arml_loss_weight, first_order=config.first_order, adapt=config.adapt_spec(),
                 **_engine_options(config))
+
+
+@register_algorithm("metalstm")
+def build_metalstm(model: nn.Module, config: ExperimentConfig) -> MetaLSTM:
+    """Ravi & Larochelle's meta-learner LSTM; batch-norm policy ``"support"`` and momentum ``metalstm_bn_momentum``."""
+    return MetaLSTM(model, inner_steps=config.inner_steps, bn_momentum=config.metalstm_bn_momentum,
+                    eval_inner_steps=config.eval_inner_steps, strategy=config.strategy, bn_policy=config.bn_policy,
+                    adapt=config.adapt_spec())

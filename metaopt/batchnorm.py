@@ -11,6 +11,12 @@ the model's running statistics, so adaptation leaves the model untouched.
 evaluation: meta-training passes normalise with batch statistics *and* accumulate the running
 statistics; evaluation normalises with the accumulated statistics.
 
+:attr:`BatchNormPolicy.SUPPORT` is Ravi & Larochelle's (2017, §3.3): every task starts from fresh
+statistics, the support passes of the inner loop normalise with batch statistics and accumulate
+them, and the query passes normalise with what the support set accumulated (no transduction).
+The inner loop marks query passes with :func:`query_pass` and opens
+:func:`episode_statistics` per task.
+
 MAML++ (Antoniou et al. 2019, §4, "BNRS" and "BNWB") gives every inner step its own batch-norm
 statistics and affine weights: :class:`PerStepBatchNorm` holds one row per step and reads the
 step from :func:`inner_step`, which the inner loops set around every forward pass.
@@ -37,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["BatchNormPolicy", "PerStepBatchNorm", "batchnorm_policy", "composite_batch_norm", "current_inner_step",
-           "inner_step", "per_step_batchnorm"]
+           "episode_statistics", "in_query_pass", "inner_step", "per_step_batchnorm", "query_pass"]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -48,6 +54,7 @@ class BatchNormPolicy(str, enum.Enum):
     BATCH = "batch"
     FROZEN = "frozen"
     RUNNING = "running"
+    SUPPORT = "support"
 
 
 @contextlib.contextmanager
@@ -57,6 +64,9 @@ def batchnorm_policy(model: nn.Module, policy: BatchNormPolicy | str, update: bo
     Args:
         update: :attr:`BatchNormPolicy.RUNNING` only: normalise with batch statistics and update
             the running statistics (meta-training) instead of normalising with them (evaluation).
+
+    Under :attr:`BatchNormPolicy.SUPPORT` the layers are left as they are here; the inner loop
+    runs each task inside :func:`episode_statistics`.
     """
     policy = BatchNormPolicy(policy)
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
@@ -66,6 +76,8 @@ def batchnorm_policy(model: nn.Module, policy: BatchNormPolicy | str, update: bo
             if policy is BatchNormPolicy.BATCH:
                 for name in _STATS:
                     setattr(m, name, None)
+                continue
+            if policy is BatchNormPolicy.SUPPORT:
                 continue
             if m.running_mean is None:
                 raise ValueError(f"batch-norm policy {policy.value!r} needs running statistics, but {m} has none "
@@ -250,3 +262,58 @@ def per_step_batchnorm(model: nn.Module, steps: int, per_step_stats: bool = True
         else:
             per_step_batchnorm(child, steps, per_step_stats, per_step_affine)
     return model
+
+
+_QUERY_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("metaopt_query_pass", default=False)
+
+
+@contextlib.contextmanager
+def query_pass() -> Iterator[None]:
+    """Forward passes inside this context score a query set (read by :func:`episode_statistics`)."""
+    token = _QUERY_PASS.set(True)
+    try:
+        yield
+    finally:
+        _QUERY_PASS.reset(token)
+
+
+def in_query_pass() -> bool:
+    """Whether the current forward pass scores a query set (:func:`query_pass`)."""
+    return _QUERY_PASS.get()
+
+
+@contextlib.contextmanager
+def episode_statistics(model: nn.Module) -> Iterator[None]:
+    """One task under :attr:`BatchNormPolicy.SUPPORT` (Ravi & Larochelle 2017, §3.3).
+
+    Every batch-norm layer starts from fresh running statistics (mean 0, variance 1); support
+    passes normalise with batch statistics and accumulate them (with the layer's momentum), query
+    passes (:func:`query_pass`) normalise with the accumulated statistics. The model's own
+    statistics and modes are restored on exit. Shared statistics are written in place, so tasks
+    must run one after another (the ``"loop"`` strategy).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.training, {name: getattr(m, name) for name in _STATS}) for m in layers]
+
+    def set_mode(module: nn.Module, args: tuple) -> None:
+        del args
+        module.training = not in_query_pass()
+
+    hooks = []
+    try:
+        for m in layers:
+            like = next((t for t in (m.weight, m.running_mean) if t is not None), torch.empty(0))
+            per_step = isinstance(m, PerStepBatchNorm) and m.per_step_stats
+            shape = (m.steps, m.num_features) if per_step else (m.num_features,)
+            m.running_mean = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            m.running_var = torch.ones(shape, dtype=like.dtype, device=like.device)
+            m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=like.device)
+            hooks.append(m.register_forward_pre_hook(set_mode))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training, stats in saved:
+            m.training = training
+            for name, value in stats.items():
+                setattr(m, name, value)

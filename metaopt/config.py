@@ -233,6 +233,8 @@ class ExperimentConfig(TrainerConfig):
         arml_vertices: ARML's meta-knowledge graph vertices.
         arml_sigma: ARML's prototype-to-vertex Gaussian bandwidth.
         arml_loss_weight: ARML's weight μ of the two reconstruction losses.
+        metalstm_bn_momentum: the Ravi & Larochelle learner's batch-norm momentum (0.9 for
+            1-shot, 0.95 for 5-shot; eps is 1e-3).
         meta_batch: tasks per meta-batch.
         seed: fixes the model's initialisation and the task streams; train, validation and
             test tasks use the distinct seeds ``3·seed``, ``3·seed + 1`` and ``3·seed + 2``.
@@ -270,6 +272,7 @@ class ExperimentConfig(TrainerConfig):
     arml_vertices: int = 4
     arml_sigma: float = 8.0
     arml_loss_weight: float = 0.01
+    metalstm_bn_momentum: float = 0.9
     meta_batch: int = 25
     seed: int = 0
     device: str = "auto"

@@ -48,7 +48,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from metaopt.batchnorm import composite_batch_norm, inner_step
+from metaopt.batchnorm import composite_batch_norm, inner_step, query_pass
 from metaopt.functional import Params, grads, model_call, select
 from metaopt.rules import UpdateRule
 
@@ -102,7 +102,7 @@ def score_path(model: nn.Module, loss_fn: LossFn, path: Sequence[Params], query_
         w = weights[t - 1] if t > 0 else 0.0
         if not (w or track or t == steps):
             continue
-        with inner_step(max(t - 1, 0)):  # the query pass on θ_t belongs to the step that produced it
+        with inner_step(max(t - 1, 0)), query_pass():  # the query pass on θ_t belongs to the step that produced it
             out = model_call(model, theta, query_x)
         step_loss = loss_fn(out, query_y)
         if w:
@@ -195,6 +195,8 @@ class InnerLoop:
         task_init: ``None``, or a :data:`TaskInit` that turns the shared θ_0 into each task's
             starting point from its support set and adds a term to its outer loss (ARML's
             gated initialisation); it runs inside the vmapped function, so per task.
+        task_context: ``None``, or a factory of a context manager that each task runs inside
+            (:func:`metaopt.batchnorm.episode_statistics` for the ``"support"`` batch-norm policy).
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule, loss_fn: LossFn, adapted: Sequence[str] | None = None,
@@ -206,6 +208,7 @@ class InnerLoop:
         self.first_order = first_order
         self.checkpoint_steps = checkpoint_steps
         self.task_init: TaskInit | None = None
+        self.task_context: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def _split(self, params: Params) -> tuple[Params, Params]:
         fast = params if self.adapted is None else select(params, self.adapted)
@@ -269,6 +272,13 @@ class InnerLoop:
                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
                      track: bool, grad_fn: _GradFn | None = None) -> tuple[torch.Tensor, ...]:
         """Outer loss, per-step query losses and accuracy of one task (tensors, vmap-friendly)."""
+        with self.task_context() if self.task_context is not None else contextlib.nullcontext():
+            return self._task_outputs(params, support_x, support_y, query_x, query_y, steps, weights, track,
+                                      grad_fn)
+
+    def _task_outputs(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
+                      track: bool, grad_fn: _GradFn | None) -> tuple[torch.Tensor, ...]:
         extra = None
         if self.task_init is not None:
             params, extra = self.task_init(params, support_x, support_y)

@@ -30,13 +30,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.batchnorm import BatchNormPolicy, batchnorm_policy
+from metaopt.batchnorm import BatchNormPolicy, batchnorm_policy, episode_statistics
 from metaopt.episode import Episode
 from metaopt.functional import Params, model_call, named_params
 from metaopt.higher_backend import HigherLoop
@@ -130,9 +131,10 @@ class MetaLearner(nn.Module):
         adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or a list
             of parameter names.
         strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"``.
-        bn_policy: batch-norm policy, ``"batch"`` (MAML's), ``"frozen"`` or ``"running"``
-            (:mod:`metaopt.batchnorm`; ``"running"`` updates shared statistics from every task, so
-            it needs the ``"loop"`` strategy, which ``"auto"`` then is).
+        bn_policy: batch-norm policy, ``"batch"`` (MAML's), ``"frozen"``, ``"running"`` or
+            ``"support"`` (Ravi & Larochelle's per-task statistics; :mod:`metaopt.batchnorm`).
+            ``"running"`` and ``"support"`` write statistics shared by the tasks, so they need the
+            ``"loop"`` strategy, which ``"auto"`` then is.
         loss_fn: inner and outer loss; default cross-entropy for labels, MSE for regression.
         step_weights: outer-loss weights of the query loss after steps 1..K (default: last only).
         msl_epochs: MAML++'s multi-step loss (MSL): the step weights follow
@@ -179,10 +181,10 @@ class MetaLearner(nn.Module):
             raise ValueError("second_order_from_epoch (derivative-order annealing) must be >= 0 and switches to "
                              "second order, so it cannot be combined with first_order=True")
         bn_policy = BatchNormPolicy(bn_policy)
-        if bn_policy is BatchNormPolicy.RUNNING:
+        if bn_policy in (BatchNormPolicy.RUNNING, BatchNormPolicy.SUPPORT):
             if strategy == "vmap":
-                raise ValueError("bn_policy='running' updates the model's running statistics from every task, "
-                                 "which vmap cannot do; use strategy='loop' (or 'auto')")
+                raise ValueError(f"bn_policy={bn_policy.value!r} updates the model's running statistics from every "
+                                 "task, which vmap cannot do; use strategy='loop' (or 'auto')")
             strategy = "loop"
         resolve_strategy(strategy, torch.device("cpu"), checkpoint_steps)
         self.model = model
@@ -198,6 +200,10 @@ class MetaLearner(nn.Module):
         self.second_order_from_epoch = second_order_from_epoch
         adapted = adapted_parameter_names(model, adapt)
         self.inner = self._driver(loss_fn, adapted, first_order, inner_optimizer, override, checkpoint_steps)
+        if bn_policy is BatchNormPolicy.SUPPORT:
+            if driver != "func":
+                raise ValueError("bn_policy='support' is implemented for the func driver; use driver='func'")
+            self.inner.task_context = lambda: episode_statistics(model)
         self.set_epoch(0)
 
     def _driver(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], adapted: list[str] | None,
@@ -291,10 +297,14 @@ class MetaLearner(nn.Module):
             raise ValueError("adapt takes a single-task episode; index the batch (batch[i]) or use meta_loss")
         steps = _check_steps(self.eval_inner_steps if steps is None else steps)
         params = named_params(self.model)
-        with batchnorm_policy(self.model, self.bn_policy):
+        task_context = getattr(self.inner, "task_context", None)
+        with batchnorm_policy(self.model, self.bn_policy), task_context() if task_context else contextlib.nullcontext():
             if getattr(self.inner, "task_init", None) is not None:
                 params, _ = self.inner.task_init(params, episode.support_x, episode.support_y)
             path = self.inner.adapt(params, episode.support_x, episode.support_y, steps)
+            if self.bn_policy is BatchNormPolicy.SUPPORT:  # the statistics the support set accumulated
+                statistics = {name: b.clone() for name, b in self.model.named_buffers()}
+                return AdaptedModel(self.model, {**path[-1], **statistics}, BatchNormPolicy.FROZEN)
         return AdaptedModel(self.model, path[-1], self.bn_policy)
 
     @torch.no_grad()

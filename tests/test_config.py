@@ -58,7 +58,7 @@ def test_trainer_config_rejects_experiment_keys():
     ({"hidden": (8, 0)}, "'hidden' must hold layer sizes >= 1, got \\[8, 0\\]"),
     ({"seed": -1}, "'seed' must be >= 0"),
     ({"strategy": "vmapp"}, "'strategy' must be one of .*got 'vmapp' \\(did you mean 'vmap'\\?\\)"),
-    ({"bn_policy": "transductive"}, "'bn_policy' must be one of \\('batch', 'frozen', 'running'\\)"),
+    ({"bn_policy": "transductive"}, "'bn_policy' must be one of \\('batch', 'frozen', 'running', 'support'\\)"),
     ({"meta_optimizer": "adamw"}, "'meta_optimizer' must be one of \\('adam', 'sgd'\\).*did you mean 'adam'"),
     ({"model": "conv6"}, "'model' must be one of"),
     ({"device": "gpu"}, "'device' must be 'auto' or a torch device"),
