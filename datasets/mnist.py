@@ -1,0 +1,335 @@
+"""MNIST (LeCun et al. 1998) and the MNIST optimizees of Andrychowicz et al. 2016 (§3.2).
+
+:func:`load_mnist` reads the four original IDX files from ``root`` (default
+``$METAOPT_DATA/mnist``): ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz`` (gzipped, or the same files
+decompressed, without ``.gz``). Magic numbers (2051 for images, 2049 for labels), counts, the
+28x28 shape and the label range are checked; the files are small enough (55 MB decoded) to be
+read in well under a second, so nothing is cached. :func:`download_mnist` fetches missing files
+from a mirror and checks their MD5 against the published originals.
+
+:class:`MNISTOptimizees` is the MNIST problem of "Learning to learn by gradient descent by
+gradient descent" (Andrychowicz et al. 2016, §3.2): an MLP 784-20-10 with sigmoid units trained
+with cross-entropy on minibatches of 128 images. The paper's architecture-transfer variants are
+arguments: ``hidden=(40,)``, ``hidden=(20, 20)`` and ``activation="relu"``. Each
+``sample(seed)`` is one problem: weights initialised as PyTorch's default ``nn.Linear`` does
+(weights and biases uniform in ±1/√fan_in) under a generator seeded by ``seed``, and minibatch
+number ``step`` drawn deterministically from ``(seed, step)`` (a fresh permutation of the
+images per epoch, without replacement within an epoch, the last incomplete batch dropped).
+
+Meta-training and meta-testing use disjoint images: ``part="meta-train"`` and
+``part="meta-test"`` are the two halves of the 60,000 training images split exactly as the
+PyTorch port of the paper does (AdrienLE/learning_by_grad_by_grad_repro: the indices shuffled by
+``np.random.RandomState(10)``, first half for meta-training, second for meta-testing), so that
+numbers are comparable with it; ``split="test"`` with ``part="all"`` gives the 10,000 test
+images, e.g. for the test error of a trained optimizee. Usage, once the data are in place::
+
+    family = MNISTOptimizees(part="meta-train")             # 784-20-10 sigmoid, batch 128
+    problem = family.sample(seed=0)
+    params = problem.init_params()
+    loss = problem.loss(params, step=0)                     # ~log(10) at initialisation
+    relu = MNISTOptimizees(part="meta-test", activation="relu")
+
+References:
+    Andrychowicz et al., 2016. Learning to learn by gradient descent by gradient descent.
+    https://arxiv.org/abs/1606.04474
+    LeCun, Cortes and Burges. The MNIST database of handwritten digits. http://yann.lecun.com/exdb/mnist/
+
+Example:
+    >>> train, test = meta_split_indices(60000, "meta-train"), meta_split_indices(60000, "meta-test")
+    >>> len(train), len(test), len(set(train.tolist()) & set(test.tolist()))
+    (30000, 30000, 0)
+    >>> list(mlp_shapes(hidden=(20, 20)).values())
+    [(20, 784), (20,), (20, 20), (20,), (10, 20), (10,)]
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metaopt.datasets._common import dataset_root
+
+__all__ = [
+    "ACTIVATIONS",
+    "FILES",
+    "KNOWN_MD5",
+    "MIRRORS",
+    "PARTS",
+    "MNISTOptimizee",
+    "MNISTOptimizees",
+    "download_mnist",
+    "load_mnist",
+    "meta_split_indices",
+    "mlp_shapes",
+]
+
+#: the image and label file of each split
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+#: MD5 of the original gzipped files (as published, and as listed by torchvision)
+KNOWN_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+#: where :func:`download_mnist` looks, in order (torchvision's mirror first: the original site often refuses)
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+SIDE, CLASSES = 28, 10
+PARTS = ("meta-train", "meta-test", "all")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"sigmoid": torch.sigmoid, "relu": torch.relu}
+#: seed of the port's split of the training images into meta-training and meta-test halves
+_SPLIT_SEED = 10
+_PUT = (f"put {', '.join(n for pair in FILES.values() for n in pair)} from {MIRRORS[1]} (or the mirror "
+        f"{MIRRORS[0]}) into")
+
+
+def _locate(folder: Path, name: str) -> Path | None:
+    """``name`` in ``folder``, or its decompressed form (without ``.gz``); None if neither exists."""
+    for path in (folder / name, folder / name.removesuffix(".gz")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array of an IDX file with ``magic`` whose items have shape ``shape_tail``."""
+    header_size = 4 * (2 + len(shape_tail))
+    fix = f"replace {path.name} with the original file (see {MIRRORS[1]})"
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            header, payload = f.read(header_size), f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} is not a complete gzip file ({error}); it is truncated or corrupt: {fix}") from error
+    if len(header) < header_size:
+        raise ValueError(f"{path} is truncated: {len(header)} bytes, shorter than the IDX header; {fix}")
+    found, count, *tail = struct.unpack(f">{len(header) // 4}I", header)
+    if found != magic:
+        kind = "image" if magic == IMAGE_MAGIC else "label"
+        raise ValueError(f"{path} has magic number {found}, not {magic} (an IDX {kind} file): it is not an MNIST "
+                         f"{kind} file or it is corrupt; {fix}")
+    if tuple(tail) != shape_tail:
+        raise ValueError(f"{path} holds items of shape {tuple(tail)}, expected {shape_tail}; {fix}")
+    item = int(np.prod(shape_tail, dtype=np.int64))
+    expected = count * item
+    if len(payload) != expected:
+        state = "truncated" if len(payload) < expected else "longer than its header says"
+        raise ValueError(f"{path} is {state}: {len(payload)} bytes of data for {count} items "
+                         f"({expected} bytes expected); {fix}")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(count, item)
+
+
+def _read_split(root: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 784]`` and labels ``[N]`` of ``split``, both uint8 (read-only arrays)."""
+    if split not in FILES:
+        raise ValueError(f"unknown MNIST split {split!r}; choose 'train' or 'test'")
+    folder = dataset_root(root, "mnist")
+    paths = {name: _locate(folder, name) for name in FILES[split]}
+    missing = [name for name, path in paths.items() if path is None]
+    if missing:
+        raise FileNotFoundError(f"MNIST {split} files not found in {folder}: missing {', '.join(missing)}; "
+                                f"{_PUT} {folder}, or call metaopt.datasets.mnist.download_mnist(root) when online")
+    image_file, label_file = (paths[name] for name in FILES[split])
+    images = _read_idx(image_file, IMAGE_MAGIC, (SIDE, SIDE))
+    labels = _read_idx(label_file, LABEL_MAGIC, ()).reshape(-1)
+    if len(images) != len(labels):
+        raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels; "
+                         f"the two files do not belong together: replace them with the original pair")
+    if len(labels) and labels.max() >= CLASSES:
+        raise ValueError(f"{label_file} holds label {labels.max()}, outside 0-9; replace it with the original file")
+    return images, labels
+
+
+def load_mnist(root: str | os.PathLike | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 ``[N, 784]`` in [0, 1] (row by row) and labels as int64 ``[N]`` of ``split``.
+
+    Args:
+        root: folder with the IDX files; default ``$METAOPT_DATA/mnist``.
+        split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+    """
+    images, labels = _read_split(root, split)
+    pixels = images.astype(np.float32)
+    pixels /= 255
+    return torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64))
+
+
+def _fetch(address: str, target: Path) -> str:
+    """Stream ``address`` into ``target`` and return the MD5 of what was written."""
+    digest = hashlib.md5()
+    with urllib.request.urlopen(address, timeout=60) as response, open(target, "wb") as out:
+        while block := response.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+def download_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str] = MIRRORS) -> Path:
+    """Download the missing IDX files into ``root`` (default ``$METAOPT_DATA/mnist``) and return it.
+
+    Each file is tried at each mirror in turn, streamed into a temporary file next to its target,
+    checked against the MD5 of the original and only then renamed into place, so an interrupted or
+    wrong download never leaves a file that looks complete.
+    """
+    folder = dataset_root(root, "mnist")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, md5 in KNOWN_MD5.items():
+        if _locate(folder, name) is not None:
+            continue
+        failures = []
+        for mirror in mirrors:
+            address = mirror + name
+            tmp = folder / f".{name}.{os.getpid()}.part"
+            try:
+                found = _fetch(address, tmp)
+                if found == md5:
+                    os.replace(tmp, folder / name)
+                    break
+                failures.append(f"{address}: MD5 {found}, not the original's {md5}")
+            except OSError as error:
+                failures.append(f"{address}: {error}")
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            raise FileNotFoundError(f"could not download {name} ({'; '.join(failures)}). Offline? {_PUT} {folder}")
+    return folder
+
+
+def meta_split_indices(n: int, part: str) -> torch.Tensor:
+    """Sorted indices of ``part`` among ``n`` images: the port's halves, or all of them.
+
+    ``"meta-train"`` is the first half and ``"meta-test"`` the second half (the larger one when
+    ``n`` is odd) of ``range(n)`` shuffled by ``np.random.RandomState(10)``; ``"all"`` is ``range(n)``.
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
+    if part == "all":
+        return torch.arange(n)
+    order = np.random.RandomState(_SPLIT_SEED).permutation(n)
+    half = order[: n // 2] if part == "meta-train" else order[n // 2 :]
+    return torch.from_numpy(np.sort(half))
+
+
+def mlp_shapes(hidden: Sequence[int] = (20,), in_features: int = SIDE * SIDE,
+               classes: int = CLASSES) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the MLP ``in_features-*hidden-classes`` (weights ``[out, in]``)."""
+    sizes = [in_features, *hidden, classes]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        shapes[f"fc{i}.weight"], shapes[f"fc{i}.bias"] = (fan_out, fan_in), (fan_out,)
+    return shapes
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of non-negative integers (independent streams per tuple)."""
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class MNISTOptimizee:
+    """One MNIST problem: an MLP initialised from ``seed`` and its minibatch losses.
+
+    Created by :meth:`MNISTOptimizees.sample`; shares the family's image tensor.
+    """
+
+    def __init__(self, family: MNISTOptimizees, seed: int) -> None:
+        self.family, self.seed = family, seed
+
+    def init_params(self) -> dict[str, torch.Tensor]:
+        """PyTorch's default ``nn.Linear`` init (uniform in ±1/√fan_in) under a generator seeded by ``seed``."""
+        g = _generator(self.seed, 0)
+        shapes = mlp_shapes(self.family.hidden)
+        params = {}
+        for name, shape in shapes.items():
+            bound = shapes[name.replace(".bias", ".weight")][1] ** -0.5
+            params[name] = ((torch.rand(shape, generator=g) * 2 - 1) * bound).to(self.family.dtype)
+        return params
+
+    def batch_rows(self, step: int) -> torch.Tensor:
+        """Rows of the family's images in minibatch ``step``: a slice of a per-epoch permutation."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        family = self.family
+        per_epoch = len(family.labels) // family.batch
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(len(family.labels), generator=_generator(self.seed, 1, epoch))
+        return order[position * family.batch : (position + 1) * family.batch]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minibatch ``step``: images ``[batch, 784]`` in [0, 1] (of the family's dtype) and int64 labels."""
+        rows = self.batch_rows(step)
+        return self.family.images[rows].to(self.family.dtype).div_(255), self.family.labels[rows]
+
+    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Mean cross-entropy of the MLP with ``params`` on minibatch ``step``."""
+        x, y = self.batch(step)
+        device = params["fc1.weight"].device
+        h, act = x.to(device), ACTIVATIONS[self.family.activation]
+        layers = len(self.family.hidden) + 1
+        for i in range(1, layers + 1):
+            h = F.linear(h, params[f"fc{i}.weight"], params[f"fc{i}.bias"])
+            if i < layers:
+                h = act(h)
+        return F.cross_entropy(h, y.to(device))
+
+
+class MNISTOptimizees:
+    """MLPs on MNIST minibatches (Andrychowicz et al. 2016, §3.2), an optimizee family.
+
+    The images of ``split``/``part`` are read once and kept as one uint8 tensor; every sampled
+    problem shares it.
+
+    Args:
+        root: folder with the IDX files; default ``$METAOPT_DATA/mnist``.
+        hidden: hidden layer sizes: ``(20,)`` in the paper, ``(40,)`` and ``(20, 20)`` for transfer.
+        activation: ``"sigmoid"`` (paper) or ``"relu"`` (the transfer experiment where it fails).
+        batch: images per minibatch (128).
+        split: ``"train"`` or ``"test"`` IDX files.
+        part: ``"meta-train"`` or ``"meta-test"`` half of the split (see :func:`meta_split_indices`),
+            or ``"all"`` of it.
+        dtype: floating type of the parameters and images.
+
+    Attributes:
+        indices: indices in the split of the images used (sorted); disjoint between the halves.
+        images: uint8 ``[len(indices), 784]``; row ``i`` is image ``indices[i]`` of the split.
+        labels: int64 ``[len(indices)]``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, hidden: Sequence[int] = (20,),
+                 activation: str = "sigmoid", batch: int = 128, split: str = "train", part: str = "meta-train",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if any(int(h) != h or h < 1 for h in hidden):
+            raise ValueError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
+        images, labels = _read_split(root, split)
+        self.indices = meta_split_indices(len(labels), part)
+        if not 1 <= batch <= len(self.indices):
+            raise ValueError(f"batch must be between 1 and the {len(self.indices)} images of {split}/{part}, "
+                             f"got {batch}")
+        rows = self.indices.numpy()
+        self.images = torch.from_numpy(images[rows])
+        self.labels = torch.from_numpy(labels[rows].astype(np.int64))
+        self.hidden, self.activation, self.batch = tuple(int(h) for h in hidden), activation, batch
+        self.split, self.part, self.dtype = split, part, dtype
+
+    def sample(self, seed: int) -> MNISTOptimizee:
+        """Problem ``seed`` (a non-negative integer): its initialisation and minibatches depend on it alone."""
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        return MNISTOptimizee(self, seed)
