@@ -1,0 +1,211 @@
+"""The learned optimizer of Andrychowicz et al. 2016: a coordinate-wise LSTM that outputs the update.
+
+    θ_{t+1} = θ_t + s · W h_t,    (h_t, c_t) = LSTM(x(∇f(θ_t)), (h_{t-1}, c_{t-1}))
+
+One two-layer LSTM of 20 units and a linear read-out (20 -> 1) is shared by every coordinate of
+every parameter: the coordinates are the batch, each with its own hidden and cell states (§2.1).
+Its input ``x`` is the raw gradient coordinate, or with ``preprocessing`` the two log-magnitude /
+sign features with ``p = 10`` (Appendix A); ``s`` is the output scale (1 on the quadratics, 0.1 on
+MNIST, §3). The gradients enter as constants (``second_derivatives=False``, the paper's choice,
+§2.1): meta-gradients flow through θ and the LSTM but not through ∇f. Meta-training by truncated
+backpropagation is :class:`metaopt.learned_training.LearnedOptimizerTrainer`.
+
+References:
+    Andrychowicz, Denil, Gomez, Hoffman, Pfau, Schaul, Shillingford, de Freitas, 2016. Learning
+    to learn by gradient descent by gradient descent. https://arxiv.org/abs/1606.04474 (§2.1,
+    §3, Appendix A).
+
+Results (paper vs ours; the paper reports curves on a log scale, no table; commands and
+protocol in the README):
+
+    ========================  ===================================================  ==========
+    benchmark                 paper (Fig. 2 and 4, qualitative)                    metaopt
+    ========================  ===================================================  ==========
+    Quadratics 10-d           below tuned SGD, RMSprop, Adam, NAG for 100 steps    see README
+    MNIST MLP 20 sigmoid      below the tuned baselines at 100 and 200 steps       see README
+    MNIST MLP, ReLU           fails: the tuned baselines win                       see README
+    ========================  ===================================================  ==========
+
+Baselines tune their learning rate per problem family on validation problems
+(:func:`metaopt.learned_training.tune_learning_rate`).
+
+:class:`LearnedOptimizer` runs a rule, or a checkpoint written by the trainer, as an ordinary
+``torch.optim`` optimizer.
+
+Example:
+    >>> import torch
+    >>> rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
+    >>> params = {"w": torch.randn(3, 2), "b": torch.zeros(3)}
+    >>> state = rule.init(params)                      # per layer (h, c), one row per coordinate
+    >>> tuple(state[0][0].shape)
+    (9, 20)
+    >>> new, state = rule.step(params, {"w": torch.randn(3, 2), "b": torch.randn(3)}, state, t=0)
+    >>> tuple(new["w"].shape), tuple(new["b"].shape)
+    ((3, 2), (3,))
+    >>> model = torch.nn.Linear(4, 1)                  # the same rule in a plain PyTorch loop
+    >>> opt = LearnedOptimizer(model.parameters(), rule=rule)
+    >>> for _ in range(3):
+    ...     opt.zero_grad()
+    ...     model(torch.randn(8, 4)).square().mean().backward()
+    ...     opt.step()
+    >>> tuple(opt.state[model.weight]["lstm"].shape)  # [layers, (h, c), coordinates, hidden]
+    (2, 2, 4, 20)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.checkpoint import CheckpointError, load_checkpoint, load_module_state
+from metaopt.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
+from metaopt.functional import Params
+from metaopt.rules import UpdateRule
+
+__all__ = ["LSTMOptimizerRule", "LearnedOptimizer"]
+
+
+class LSTMOptimizerRule(UpdateRule):
+    """Coordinate-wise LSTM optimizer (Andrychowicz et al. 2016, §2.1): ``θ ← θ + s · Linear(LSTM(x(∇f)))``.
+
+    The defaults are the paper's quadratic setup; its MNIST setup is ``preprocessing=True,
+    output_scale=0.1`` (§3). The state is the LSTM's hidden and cell states, one row per coordinate
+    of all the parameters together (:meth:`init`).
+
+    Args:
+        preprocessing: feed the log-magnitude / sign features of each gradient coordinate
+            (Appendix A, two inputs), instead of the raw coordinate (one input).
+        p: the preprocessing's ``p`` (10 in the paper).
+        output_scale: factor ``s`` of the network output (1.0 quadratics, 0.1 MNIST).
+        second_derivatives: let meta-gradients flow through the gradients fed to the LSTM;
+            ``False`` (the paper's choice) treats them as constants.
+        hidden: LSTM units per layer (20).
+        layers: stacked LSTM layers (2).
+    """
+
+    def __init__(self, preprocessing: bool = False, p: float = 10.0, output_scale: float = 1.0,
+                 second_derivatives: bool = False, hidden: int = 20, layers: int = 2) -> None:
+        super().__init__()
+        #: The constructor's arguments: the trainer stores them with the weights in its checkpoints.
+        self.hparams = {"preprocessing": preprocessing, "p": p, "output_scale": output_scale,
+                        "second_derivatives": second_derivatives, "hidden": hidden, "layers": layers}
+        self.preprocessing, self.p, self.output_scale = preprocessing, p, output_scale
+        self.second_derivatives = second_derivatives
+        self.lstm = CoordinateLSTM(2 if preprocessing else 1, hidden=hidden, layers=layers)
+        self.output = nn.Linear(hidden, 1)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> LSTMOptimizerRule:
+        """The rule kept in a checkpoint of :class:`metaopt.learned_training.LearnedOptimizerTrainer` (on the CPU).
+
+        Raises:
+            CheckpointError: naming ``path``: missing, corrupt, not a trainer checkpoint, or of another rule.
+        """
+        state = load_checkpoint(path, required=("rule_class", "rule_hparams", "rule"))
+        if state["rule_class"] != cls.__name__:
+            raise CheckpointError(f"checkpoint {path} holds a {state['rule_class']} rule, not an {cls.__name__}; "
+                                  "load it with that rule's class")
+        weights = state["rule"]
+        rule = cls(**state["rule_hparams"]).to(next(iter(weights.values())).dtype)
+        load_module_state(rule, weights, path)
+        return rule
+
+    def features(self, grad: torch.Tensor) -> torch.Tensor:
+        """The LSTM input of every gradient coordinate: ``[coordinates, 2]`` preprocessed, else ``[coordinates, 1]``."""
+        return preprocess(grad, self.p) if self.preprocessing else grad.unsqueeze(-1)
+
+    def network(self, features: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+        """The unscaled update of every coordinate, ``[coordinates]``, and the new LSTM state."""
+        top, state = self.lstm(features, state)
+        return self.output(top).squeeze(-1), state
+
+    def init(self, params: Params) -> LSTMState:
+        """Zero LSTM states for all the coordinates of ``params``, in their dtype and on their device."""
+        if not params:
+            raise ValueError("LSTMOptimizerRule needs at least one parameter to optimize")
+        first = next(iter(params.values()))
+        return self.lstm.init_state(sum(p.numel() for p in params.values()), first.dtype, first.device)
+
+    def step(self, params: Params, grads: Params, state: LSTMState, t: int) -> tuple[Params, LSTMState]:
+        """One update of all the coordinates of ``params`` as one batch (the rule does not read ``t``)."""
+        del t
+        grad = flatten({name: grads[name] for name in params})
+        if not self.second_derivatives:
+            grad = grad.detach()
+        update, state = self.network(self.features(grad), state)
+        return unflatten(flatten(params) + self.output_scale * update, params), state
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+
+
+def _pack(state: LSTMState) -> torch.Tensor:
+    """An LSTM state as one tensor ``[layers, 2, coordinates, hidden]``."""
+    return torch.stack([torch.stack(hc) for hc in state])
+
+
+def _unpack(packed: torch.Tensor) -> LSTMState:
+    return [(layer[0], layer[1]) for layer in packed]
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A learned rule as a ``torch.optim`` optimizer: ``opt.zero_grad(); loss.backward(); opt.step()``.
+
+    Every :meth:`step` runs the rule once on all the parameters that have a gradient, as one batch
+    of coordinates (Andrychowicz et al. 2016, §2.1), and writes the result into them in place.
+    Each parameter's slice of the LSTM state is its optimizer state ``state[p]["lstm"]``
+    (``[layers, 2, numel, hidden]``) next to its update count ``state[p]["step"]``, so
+    :meth:`state_dict` / :meth:`load_state_dict` carry it. The rule's own weights are not part of
+    the optimizer's state: they come from ``rule`` or ``checkpoint``. The rule runs without
+    autograd and is never trained here.
+
+    Args:
+        params: parameters (or parameter groups) to optimize; the rule has no per-group options.
+        rule: the rule to run, on the parameters' dtype and device.
+        checkpoint: instead of ``rule``, a ``best.pt`` / ``last.pt`` of
+            :class:`metaopt.learned_training.LearnedOptimizerTrainer`; its rule moves to the
+            parameters' device.
+
+    Raises:
+        ValueError: both or neither of ``rule`` and ``checkpoint``.
+        CheckpointError: ``checkpoint`` is missing or unusable (the message names the file).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 rule: LSTMOptimizerRule | None = None, checkpoint: str | Path | None = None) -> None:
+        if (rule is None) == (checkpoint is None):
+            raise ValueError("LearnedOptimizer takes either rule= (an LSTMOptimizerRule) or checkpoint= (a path to a "
+                             "best.pt or last.pt of LearnedOptimizerTrainer), exactly one of them")
+        super().__init__(params, defaults={})
+        if checkpoint is not None:
+            device = self.param_groups[0]["params"][0].device
+            rule = LSTMOptimizerRule.from_checkpoint(checkpoint).to(device)
+        self.rule = rule
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Update every parameter that has a gradient; ``closure`` re-evaluates the loss (returned)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return loss
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"step": 0, "lstm": _pack(self.rule.init({"p": p}))}
+        lstm = _unpack(torch.cat([self.state[p]["lstm"] for p in params], dim=2))
+        named = {str(i): p for i, p in enumerate(params)}
+        new, lstm = self.rule.step(named, {str(i): p.grad for i, p in enumerate(params)}, lstm,
+                                   t=self.state[params[0]]["step"])
+        slices = _pack(lstm).split([p.numel() for p in params], dim=2)
+        for i, (p, piece) in enumerate(zip(params, slices)):
+            p.copy_(new[str(i)])
+            self.state[p]["lstm"] = piece.clone()  # its own storage: a saved state holds this parameter's rows only
+            self.state[p]["step"] += 1
+        return loss
