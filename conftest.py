@@ -1,4 +1,4 @@
-"""Settings for every test: a fixed global seed, and one intra-op thread.
+"""Settings for every test and doctest: a fixed global seed, and one intra-op thread.
 
 The tensors in these tests are tiny, so extra threads only add synchronisation; on shared
 cores an OpenMP thread that loses its core makes every parallel op wait for it (the sinusoid
