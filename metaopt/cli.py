@@ -1,4 +1,4 @@
-"""Command line: ``metaopt train``, ``metaopt eval``, ``metaopt bench`` and ``metaopt compare``.
+"""Command line: ``metaopt train``, ``metaopt eval``, ``metaopt bench``, ``metaopt compare`` and ``metaopt optbench``.
 
 Every field of :class:`metaopt.config.ExperimentConfig` is an option (``inner_lr`` is
 ``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none`` clears an
@@ -14,6 +14,7 @@ Examples::
     metaopt eval --run runs/try --checkpoint best --episodes 600 --steps 10
     metaopt compare runs/maml-* runs/fomaml-* --out runs/compare.png   # table of results, chart of curves
     metaopt bench --threads 2 > bench.md             # speed, memory and operator counts (README tables)
+    metaopt optbench --preset l2l-quadratics --out runs/l2l-quadratics   # learned optimizer vs tuned baselines
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from metaopt.checkpoint import CheckpointError
 from metaopt.compare import RunDirError, load_run, markdown_table, plot_runs
 from metaopt.config import ConfigError, ExperimentConfig, TrainerConfig, load_preset, preset_names
 from metaopt.experiment import default_run_dir, evaluate_run, train
+from metaopt.optimizer_benchmark import OPTIMIZER_PRESETS
+from metaopt.optimizer_benchmark import main as run_optimizer_benchmark_main
 from metaopt.profiling import run_benchmark
 from metaopt.trainer import RESUMABLE_CHANGES, NonFiniteError
 
@@ -99,7 +102,7 @@ def _add_field_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``metaopt`` argument parser (subcommands ``train``, ``eval``, ``bench`` and ``compare``)."""
+    """The ``metaopt`` argument parser (subcommands ``train``, ``eval``, ``bench``, ``compare`` and ``optbench``)."""
     parser = _Parser(prog="metaopt", allow_abbrev=False,
                      description="Optimization-based meta-learning: train, evaluate and compare runs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -156,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                               help="tasks per meta-batch of the inner-steps memory sweep (default: 4)")
     bench_parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer rows: a smoke run")
     bench_parser.set_defaults(subparser=bench_parser)
+
+    optbench = commands.add_parser(
+        "optbench", allow_abbrev=False, help="train a learned optimizer and score it against tuned baselines",
+        description="Meta-train (or resume) a learned optimizer preset in OUT/train, tune the baselines' learning "
+                    "rates, and write OUT/results.{json,md} and OUT/curves.png (metaopt.optimizer_benchmark).")
+    optbench.add_argument("--preset", required=True, choices=sorted(OPTIMIZER_PRESETS))
+    optbench.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds a run)")
+    optbench.add_argument("--epochs", type=_positive, help="training problems (default: the preset's)")
+    optbench.add_argument("--test-problems", type=_positive, help="held-out problems (default: the preset's)")
+    optbench.set_defaults(subparser=optbench)
     return parser
 
 
@@ -212,6 +225,11 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optbench(args: argparse.Namespace) -> int:
+    run_optimizer_benchmark_main(args.preset, str(args.out), args.epochs, args.test_problems)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -219,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return {"train": _train, "eval": _eval, "compare": _compare, "bench": _bench}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "compare": _compare, "bench": _bench, "optbench": _optbench}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -13,8 +13,11 @@ losses orders of magnitude apart, so results must name theirs:
 * ``"uniform"`` (google-deepmind/learning-to-learn ``problems.py``): ``W``, ``y`` from U[0, 1],
   ``θ_0`` from N(0, 0.01²).
 
-A problem is a batch of ``batch`` independent functions (128 in the reference code); its loss
-is their mean, and each function's own parameters are separate coordinates.
+A problem is a batch of ``batch`` independent functions (128 in the reference code) whose
+parameters are separate coordinates; its loss is their *sum*, so that every coordinate sees the
+gradient of its own function, whatever the batch: a batch of B functions optimized coordinate-wise
+(SGD, Adam, the LSTM) is exactly B independent runs, and learning rates tuned on batches hold for
+single functions.
 
 Example:
     >>> family = Quadratics(dim=10, batch=4, convention="gaussian")
@@ -57,7 +60,7 @@ class OptimizeeFamily(Protocol):
 
 
 class Quadratic:
-    """A batch of quadratics ``f_b(θ_b) = ||W_b θ_b - y_b||²``; the loss is their mean over ``b``."""
+    """A batch of quadratics ``f_b(θ_b) = ||W_b θ_b - y_b||²``; the loss is their sum over ``b``."""
 
     def __init__(self, w: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor) -> None:
         self.w, self.y, self.theta0 = w, y, theta0
@@ -67,7 +70,7 @@ class Quadratic:
 
     def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         del step
-        return self.losses(params).mean()
+        return self.losses(params).sum()
 
     def losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of every function of the batch, ``[batch]``."""
