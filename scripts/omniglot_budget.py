@@ -20,7 +20,9 @@ anneals the meta learning rate to 1e-5 over the 50 and ends the run there (its s
 end). Every other run trains until its CPU budget is spent. Meta-SGD takes one inner step (its paper's setting) with α
 drawn uniformly from [0.005, 0.1]. T-net and MT-net (Lee & Choi 2018) and ARML (Yao et al. 2020)
 use the same 3-step MAML inner loop around their own additions (ARML: 4 vertices, σ = 8,
-reconstruction weight 0.01).
+reconstruction weight 0.01). The meta-learner LSTM (Ravi & Larochelle 2017) takes its paper's
+12 first-order updates, one task per meta-update, gradient-norm clipping 0.25 and the "support"
+batch-norm policy.
 """
 
 from __future__ import annotations
@@ -50,12 +52,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "tnet": ("T-net", {"algorithm": "tnet"}),
     "mtnet": ("MT-net", {"algorithm": "mtnet", "mtnet_mask": "unit"}),
     "arml": ("ARML", {"algorithm": "arml", "arml_vertices": 4, "arml_sigma": 8.0, "arml_loss_weight": 0.01}),
+    "metalstm": ("Meta-learner LSTM", {"algorithm": "metalstm", "inner_steps": 12, "eval_inner_steps": 12,
+                                       "bn_policy": "support", "first_order": True, "meta_batch": 1,
+                                       "grad_clip": 0.25}),
 }
 GROUPS = {
     ("mamlpp", 5): ["maml", "msl", "lslr", "bn", "da", "ca", "mamlpp", "metasgd"],
     ("mamlpp", 20): ["maml", "mamlpp", "metasgd"],
     ("relational", 5): ["maml", "tnet", "mtnet", "arml"],
     ("relational", 20): ["maml", "tnet", "mtnet", "arml"],
+    ("lstm", 5): ["maml", "metalstm"],
 }
 TEST_EPISODES = 600
 NOMINAL_ITERATIONS = {5: 1000, 20: 250}  # about what 10 CPU minutes allow; the epoch schedules span them
@@ -112,6 +118,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/budget"))
     parser.add_argument("--report", action="store_true", help="only write the table and chart of finished runs")
     args = parser.parse_args()
+    if not args.variants and (args.group, args.ways) not in GROUPS:
+        parser.error(f"group {args.group!r} has no {args.ways}-way runs; groups: {sorted(GROUPS)}")
     names = args.variants.split(",") if args.variants else GROUPS[args.group, args.ways]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
