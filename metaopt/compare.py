@@ -195,13 +195,15 @@ def _chosen_metric(runs: Sequence[Run], metric: str | None) -> str:
     return metric
 
 
-def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None) -> Figure:
+def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None, clock: str = "wall") -> Figure:
     """Draw the runs' curves and write the chart to ``out`` as a PNG (rendered by Agg, without pyplot).
 
     Args:
         runs: the runs, one colour each.
         out: the PNG file to write (its folder is created).
         metric: validation figure to plot, e.g. ``"val/accuracy"`` (default: the first run's).
+        clock: the time axis: ``"wall"`` training time, or ``"cpu"`` training CPU time (for runs
+            that shared a machine under CPU-time budgets).
 
     Returns:
         The figure: validation ``metric`` against iteration (shaded: 95% interval) and against
@@ -215,6 +217,9 @@ def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None) -
     from matplotlib.figure import Figure
 
     metric = _chosen_metric(runs, metric)
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    time_key = "time/train_cpu_s" if clock == "cpu" else "time/train_s"
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg canvas renders it, whatever matplotlib's default backend is
     by_iteration, by_time, by_loss = figure.subplots(1, 3)
@@ -227,12 +232,13 @@ def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None) -
         colour = line.get_color()
         by_iteration.fill_between(iterations, [m - h for m, h in zip(means, half_widths)],
                                   [m + h for m, h in zip(means, half_widths)], color=colour, alpha=0.2, linewidth=0)
-        timed = [r for r in val if r.get("time/train_s") is not None]
-        by_time.plot([r["time/train_s"] / 60 for r in timed], [r[metric] for r in timed], marker=".", color=colour)
+        timed = [r for r in val if r.get(time_key) is not None]
+        by_time.plot([r[time_key] / 60 for r in timed], [r[metric] for r in timed], marker=".", color=colour)
         losses = [r for r in run.records if r.get("train/loss") is not None]
         by_loss.plot([r["iteration"] for r in losses], [r["train/loss"] for r in losses], color=colour)
     by_iteration.set(xlabel="iteration", ylabel=metric, title=f"{metric} (95% interval) by iteration")
-    by_time.set(xlabel="training time (min)", ylabel=metric, title=f"{metric} by training time")
+    label = "training CPU time" if clock == "cpu" else "training time"
+    by_time.set(xlabel=f"{label} (min)", ylabel=metric, title=f"{metric} by {label}")
     by_loss.set(xlabel="iteration", ylabel="train/loss", title="training loss")
     by_iteration.legend(fontsize="small")
     for axes in (by_iteration, by_time, by_loss):
