@@ -72,6 +72,17 @@ def test_chart_is_a_png_of_every_run_curves(runs, tmp_path):
         assert list(by_loss.lines[i].get_xdata()) == [2, 4, 6]
 
 
+def test_the_time_axis_can_be_cpu_time(runs, tmp_path):
+    loaded = [load_run(run) for run in runs]
+    _, by_time, _ = plot_runs(loaded, tmp_path / "cpu.png", clock="cpu").axes
+    assert by_time.get_xlabel() == "training CPU time (min)"
+    for i, run in enumerate(loaded):
+        val = [r for r in run.records if "val/mse" in r]
+        assert list(by_time.lines[i].get_xdata()) == [r["time/train_cpu_s"] / 60 for r in val]
+    with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
+        plot_runs(loaded, tmp_path / "x.png", clock="gpu")
+
+
 def test_cli_prints_the_table_and_writes_the_chart(runs, tmp_path, capsys):
     out = tmp_path / "compare.png"
     assert main(["compare", *map(str, runs), "--out", str(out), "--metric", "val/mse"]) == 0
