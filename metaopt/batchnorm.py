@@ -58,6 +58,29 @@ class BatchNormPolicy(str, enum.Enum):
 
 
 @contextlib.contextmanager
+def _restored(layers: list[nn.Module]) -> Iterator[None]:
+    """Put the layers' training flags and statistics back as they were, on exit."""
+    saved = [(m, m.training, {name: getattr(m, name) for name in _STATS}) for m in layers]
+    try:
+        yield
+    finally:
+        for m, training, stats in saved:
+            m.training = training
+            for name, value in stats.items():
+                setattr(m, name, value)
+
+
+@contextlib.contextmanager
+def _setting(variable: contextvars.ContextVar, value: object) -> Iterator[None]:
+    """``variable`` holds ``value`` inside the context."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+@contextlib.contextmanager
 def batchnorm_policy(model: nn.Module, policy: BatchNormPolicy | str, update: bool = False) -> Iterator[None]:
     """Run ``model``'s batch-norm layers under ``policy``; everything is restored on exit.
 
@@ -70,8 +93,7 @@ def batchnorm_policy(model: nn.Module, policy: BatchNormPolicy | str, update: bo
     """
     policy = BatchNormPolicy(policy)
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    saved = [(m, m.training, {name: getattr(m, name) for name in _STATS}) for m in layers]
-    try:
+    with _restored(layers):
         for m in layers:
             if policy is BatchNormPolicy.BATCH:
                 for name in _STATS:
@@ -84,11 +106,6 @@ def batchnorm_policy(model: nn.Module, policy: BatchNormPolicy | str, update: bo
                                  "(track_running_stats=False); use policy 'batch'")
             m.training = policy is BatchNormPolicy.RUNNING and update
         yield
-    finally:
-        for m, training, stats in saved:
-            m.training = training
-            for name, value in stats.items():
-                setattr(m, name, value)
 
 
 class composite_batch_norm(TorchFunctionMode):  # noqa: N801  (used like a function: `with composite_batch_norm():`)
@@ -135,11 +152,8 @@ def inner_step(t: int) -> Iterator[None]:
     The inner loops use step ``t`` for the support pass that takes step ``t`` and for the query
     pass on the parameters that step produced (as MAML++'s official code does).
     """
-    token = _INNER_STEP.set(t)
-    try:
+    with _setting(_INNER_STEP, t):
         yield
-    finally:
-        _INNER_STEP.reset(token)
 
 
 def current_inner_step() -> int:
@@ -270,11 +284,8 @@ _QUERY_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("metaopt_quer
 @contextlib.contextmanager
 def query_pass() -> Iterator[None]:
     """Forward passes inside this context score a query set (read by :func:`episode_statistics`)."""
-    token = _QUERY_PASS.set(True)
-    try:
+    with _setting(_QUERY_PASS, True):
         yield
-    finally:
-        _QUERY_PASS.reset(token)
 
 
 def in_query_pass() -> bool:
@@ -293,7 +304,6 @@ def episode_statistics(model: nn.Module) -> Iterator[None]:
     must run one after another (the ``"loop"`` strategy).
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.training, {name: getattr(m, name) for name in _STATS}) for m in layers]
 
     def set_mode(module: nn.Module, args: tuple) -> None:
         del args
@@ -301,19 +311,16 @@ def episode_statistics(model: nn.Module) -> Iterator[None]:
 
     hooks = []
     try:
-        for m in layers:
-            like = next((t for t in (m.weight, m.running_mean) if t is not None), torch.empty(0))
-            per_step = isinstance(m, PerStepBatchNorm) and m.per_step_stats
-            shape = (m.steps, m.num_features) if per_step else (m.num_features,)
-            m.running_mean = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            m.running_var = torch.ones(shape, dtype=like.dtype, device=like.device)
-            m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=like.device)
-            hooks.append(m.register_forward_pre_hook(set_mode))
-        yield
+        with _restored(layers):
+            for m in layers:
+                like = next((t for t in (m.weight, m.running_mean) if t is not None), torch.empty(0))
+                per_step = isinstance(m, PerStepBatchNorm) and m.per_step_stats
+                shape = (m.steps, m.num_features) if per_step else (m.num_features,)
+                m.running_mean = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                m.running_var = torch.ones(shape, dtype=like.dtype, device=like.device)
+                m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=like.device)
+                hooks.append(m.register_forward_pre_hook(set_mode))
+            yield
     finally:
         for hook in hooks:
             hook.remove()
-        for m, training, stats in saved:
-            m.training = training
-            for name, value in stats.items():
-                setattr(m, name, value)

@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from metaopt.episode import Episode
+from metaopt.evaluation import EvalResult
 from metaopt.meta_learner import MetaLearner
 
 __all__ = [
     "assert_close_dicts",
+    "sinusoid_mse_before_and_after",
     "assert_episodes_equal",
     "class_dataset",
     "decode",
@@ -93,3 +95,22 @@ def assert_episodes_equal(a: Episode, b: Episode) -> None:
     assert (a.ways, a.batched) == (b.ways, b.batched)
     for x, y in zip(a.tensors(), b.tensors()):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def sinusoid_mse_before_and_after(learner: MetaLearner, iterations: int) -> tuple[EvalResult, EvalResult]:
+    """Post-adaptation MSE on 200 held-out K=10 sinusoid tasks, untrained and after ``iterations`` meta-updates.
+
+    MAML's sinusoid setting (Finn et al. 2017, §5.1): 25 tasks per meta-batch, Adam 1e-3.
+    """
+    from metaopt.datasets import Sinusoid
+    from metaopt.evaluation import evaluate
+
+    test = Sinusoid(shots=10, query=10, batch_size=100, seed=123)
+    before = evaluate(learner, test, episodes=200)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    for batch in Sinusoid(shots=10, query=10, batch_size=25, seed=0, num_batches=iterations):
+        loss, _ = learner.meta_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, evaluate(learner, test, episodes=200)

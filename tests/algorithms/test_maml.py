@@ -7,11 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from metaopt.algorithms import MAML
-from metaopt.datasets import Sinusoid
 from metaopt.episode import Episode
-from metaopt.evaluation import evaluate
 from metaopt.models import MLP
-from tests.helpers import meta_grads, tiny_convnet, toy_classification_batch
+from tests.helpers import meta_grads, sinusoid_mse_before_and_after, tiny_convnet, toy_classification_batch
 
 HEAD = ("3.weight", "3.bias")
 
@@ -115,13 +113,5 @@ def test_maml_learns_sinusoids() -> None:
     """Finn et al. 2017, §5.1: MLP 40-40, one step of lr 0.01, Adam 1e-3, 25 tasks per meta-batch."""
     torch.manual_seed(0)
     maml = MAML(MLP(1, 1, hidden=(40, 40)), inner_lr=0.01, strategy="vmap")
-    test = Sinusoid(shots=10, query=10, batch_size=100, seed=123)
-    before = evaluate(maml, test, episodes=200)
-    optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    for batch in Sinusoid(shots=10, query=10, batch_size=25, seed=0, num_batches=500):
-        loss, _ = maml.meta_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = evaluate(maml, test, episodes=200)
+    before, after = sinusoid_mse_before_and_after(maml, iterations=500)
     assert after.mean < 0.6 * before.mean, f"post-adaptation MSE {after} vs untrained {before}"

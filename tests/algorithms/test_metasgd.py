@@ -7,11 +7,16 @@ import torch
 
 from metaopt.algorithms import MAML, MetaSGD
 from metaopt.config import ExperimentConfig
-from metaopt.datasets import Sinusoid
-from metaopt.evaluation import evaluate
 from metaopt.experiment import build_experiment
 from metaopt.models import MLP
-from tests.helpers import assert_close_dicts, meta_grads, tiny_convnet, tiny_mlp, toy_regression_batch
+from tests.helpers import (
+    assert_close_dicts,
+    meta_grads,
+    sinusoid_mse_before_and_after,
+    tiny_convnet,
+    tiny_mlp,
+    toy_regression_batch,
+)
 
 
 def test_alpha_has_the_shape_of_every_adapted_parameter() -> None:
@@ -71,14 +76,6 @@ def test_config_init_is_recorded_and_seeded() -> None:
 def test_metasgd_learns_sinusoids() -> None:
     torch.manual_seed(0)
     learner = MetaSGD(MLP(1, 1, hidden=(40, 40)), init=0.01, strategy="vmap")
-    test = Sinusoid(shots=10, query=10, batch_size=100, seed=123)
-    before = evaluate(learner, test, episodes=200)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    for batch in Sinusoid(shots=10, query=10, batch_size=25, seed=0, num_batches=300):
-        loss, _ = learner.meta_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = evaluate(learner, test, episodes=200)
+    before, after = sinusoid_mse_before_and_after(learner, iterations=300)
     assert after.mean < 0.6 * before.mean, f"post-adaptation MSE {after} vs untrained {before}"
     assert any(not torch.allclose(r, torch.full_like(r, 0.01)) for r in learner.rule.rates.values())
