@@ -3,10 +3,11 @@
 ``run_optimizer_benchmark(preset)`` meta-trains (or resumes) the preset's learned rule, tunes the
 learning rate of every baseline (SGD, SGD with momentum 0.9, NAG, RMSprop, Adam; torch's other
 defaults) on validation problems over a grid reaching 3, then runs every optimizer on the test
-problems for twice the training horizon and reports the mean and median loss at the horizon
-and at twice it. Quadratics are scored per function (test problems of one function each).
-The families of ``transfer`` (the paper's architecture transfer) are scored with the same
-rule, their baselines tuned on their own validation problems.
+problems for twice the training horizon and reports the mean (with a 95% confidence interval
+over test problems) and median loss at the horizon and at twice it. Quadratics are scored per
+function (test problems of one function each). The families of ``transfer`` (the paper's
+architecture transfer) are scored with the same rule, their baselines tuned on their own
+validation problems.
 
 Presets (``OPTIMIZER_PRESETS``; the paper's settings, the meta learning rate of the PyTorch
 port that reproduced them):
@@ -81,9 +82,14 @@ OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _summary(runs: torch.Tensor, horizon: int) -> dict[str, float]:
-    """Mean and median over problems of the loss after ``horizon`` and ``2 · horizon`` steps."""
-    return {f"{stat}_f{t}": float(getattr(runs[:, t], stat)()) for t in (horizon, 2 * horizon)
-            for stat in ("mean", "median")}
+    """Mean (with its 95% interval), median over problems of the loss after ``horizon`` and ``2 · horizon`` steps."""
+    summary = {}
+    for t in (horizon, 2 * horizon):
+        final = runs[:, t]
+        ci95 = 1.96 * final.std() / len(final) ** 0.5 if len(final) > 1 else torch.tensor(float("nan"))
+        summary.update({f"mean_f{t}": float(final.mean()), f"ci95_f{t}": float(ci95),
+                        f"median_f{t}": float(final.median())})
+    return summary
 
 
 def _score(family: OptimizeeFamily, rule: torch.nn.Module, tune_family: OptimizeeFamily, tune_problems: int,
@@ -104,12 +110,11 @@ def _score(family: OptimizeeFamily, rule: torch.nn.Module, tune_family: Optimize
 
 def _table(title: str, scored: Mapping[str, Any], horizon: int) -> str:
     late = 2 * horizon
-    lines = [f"**{title}**", "", f"| optimizer | tuned lr | mean f{horizon} | median f{horizon} | mean f{late} | "
-             f"median f{late} |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"**{title}**", "", f"| optimizer | tuned lr | mean f{horizon} (95% CI) | median f{horizon} | "
+             f"mean f{late} (95% CI) | median f{late} |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in scored["results"].items():
-        lines.append(f"| {name} | {r['lr'] if r['lr'] is not None else '-'} | {r[f'mean_f{horizon}']:.4g} | "
-                     f"{r[f'median_f{horizon}']:.4g} | {r[f'mean_f{2 * horizon}']:.4g} | "
-                     f"{r[f'median_f{2 * horizon}']:.4g} |")
+        cells = [f"{r[f'mean_f{t}']:.4g} ± {r[f'ci95_f{t}']:.2g} | {r[f'median_f{t}']:.4g}" for t in (horizon, late)]
+        lines.append(f"| {name} | {r['lr'] if r['lr'] is not None else '-'} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ end). Every other run trains until its CPU budget is spent. Meta-SGD takes one i
 drawn uniformly from [0.005, 0.1]. T-net and MT-net (Lee & Choi 2018) and ARML (Yao et al. 2020)
 use the same 3-step MAML inner loop around their own additions (ARML: 4 vertices, σ = 8,
 reconstruction weight 0.01). The meta-learner LSTM (Ravi & Larochelle 2017) takes its paper's
-12 first-order updates, one task per meta-update, gradient-norm clipping 0.25 and the "support"
+12 first-order updates, one task per meta-update with 15 queries per class (as many query images
+per meta-update as MAML's 16 tasks of 1), gradient-norm clipping 0.25 and the "support"
 batch-norm policy.
 """
 
@@ -54,7 +55,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "arml": ("ARML", {"algorithm": "arml", "arml_vertices": 4, "arml_sigma": 8.0, "arml_loss_weight": 0.01}),
     "metalstm": ("Meta-learner LSTM", {"algorithm": "metalstm", "inner_steps": 12, "eval_inner_steps": 12,
                                        "bn_policy": "support", "first_order": True, "meta_batch": 1,
-                                       "grad_clip": 0.25}),
+                                       "query": 15, "grad_clip": 0.25}),
 }
 GROUPS = {
     ("mamlpp", 5): ["maml", "msl", "lslr", "bn", "da", "ca", "mamlpp", "metasgd"],
