@@ -103,10 +103,18 @@ class MetaLSTMRule(UpdateRule):
         gradient = flatten(grads).detach()  # gradients as constants (§3.2)
         features = torch.cat([preprocess(loss.detach().expand_as(gradient), self.p), preprocess(gradient, self.p)], 1)
         h, lstm_state = self.lstm(features, lstm_state)
-        forget = torch.cat([h, theta[:, None], forget[:, None]], 1) @ self.forget_weight + self.forget_bias
-        input_gate = torch.cat([h, theta[:, None], input_gate[:, None]], 1) @ self.input_weight + self.input_bias
+        forget = self._gate(self.forget_weight, self.forget_bias, h, theta, forget)
+        input_gate = self._gate(self.input_weight, self.input_bias, h, theta, input_gate)
         theta = torch.sigmoid(forget) * theta - torch.sigmoid(input_gate) * gradient
         return unflatten(theta, params), (lstm_state, forget, input_gate)
+
+
+    @staticmethod
+    def _gate(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, theta: torch.Tensor,
+              previous: torch.Tensor) -> torch.Tensor:
+        """``W · [h, θ, previous gate] + b`` per coordinate, without materialising the concatenation."""
+        hidden = h.shape[1]
+        return torch.addmv(bias + weight[hidden] * theta + weight[hidden + 1] * previous, h, weight[:hidden])
 
 
 class MetaLSTM(MetaLearner):
