@@ -12,7 +12,7 @@ validation problems.
 Presets (``OPTIMIZER_PRESETS``; the paper's settings, the meta learning rate of the PyTorch
 port that reproduced them):
 
-* ``l2l-quadratics``: 10-d quadratics, Gaussian convention, 128 functions per training problem,
+* ``l2l-quadratics``: 10-d quadratics, Gaussian convention, 2000 training problems of 128 functions,
   raw gradients, output scale 1, 100 steps in truncations of 20, meta lr 3e-3;
 * ``l2l-mnist``: the MNIST MLP 784-20-10 sigmoid, batch 128, log/sign preprocessing (p = 10),
   output scale 0.1, meta lr 1e-2; transfer to 40 hidden units, two hidden layers, and ReLU.
@@ -61,7 +61,7 @@ def _mnist(part: str, **variant: Any) -> OptimizeeFamily:
 OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
     "l2l-quadratics": {
         "rule": {"preprocessing": False, "output_scale": 1.0},
-        "train": {"epochs": 500, "steps": 100, "unroll": 20, "meta_lr": 3e-3, "eval_every": 25, "val_problems": 4},
+        "train": {"epochs": 2000, "steps": 100, "unroll": 20, "meta_lr": 3e-3, "eval_every": 25, "val_problems": 4},
         "family": lambda part: _quadratics(128),
         "test_family": lambda: _quadratics(1),
         "test_problems": 1000,
