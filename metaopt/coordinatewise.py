@@ -97,14 +97,16 @@ class CoordinateLSTM(nn.Module):
 
 def _lstm_step(cell: nn.LSTMCell, x: torch.Tensor, h: torch.Tensor,
                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cell(x, (h, c))`` written out with one matrix product and out-of-place gates.
+    """``cell(x, (h, c))`` written out with one matrix product per gate.
 
     With hundreds of thousands of coordinates and 20 units, ``nn.LSTMCell`` on the CPU spends most
-    of its time in in-place nonlinearities on strided slices; this form of the same equations
-    runs the forward and backward pass about 1.4x faster (2 CPU cores, 112k coordinates).
+    of its time in nonlinearities over strided column slices of one ``[coordinates, 4 · hidden]``
+    product; a product per gate keeps every gate contiguous, and the same equations run forward
+    and backward about 2.7x faster (one thread, 112k coordinates).
     """
-    weight = torch.cat([cell.weight_ih, cell.weight_hh], 1)
-    gates = torch.addmm(cell.bias_ih + cell.bias_hh, torch.cat([x, h], 1), weight.t())
-    i, f, g, o = gates.chunk(4, 1)
+    inputs = torch.cat([x, h], 1)
+    weights = torch.cat([cell.weight_ih, cell.weight_hh], 1).chunk(4)
+    biases = (cell.bias_ih + cell.bias_hh).chunk(4)
+    i, f, g, o = (torch.addmm(bias, inputs, weight.t()) for bias, weight in zip(biases, weights))
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
