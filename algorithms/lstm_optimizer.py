@@ -24,8 +24,12 @@ protocol in the README):
     Quadratics 10-d       below tuned SGD, RMSprop, Adam, NAG for 100      0.194 vs best baseline
                           steps                                            0.268 (momentum); below
                                                                            all for 200 steps
-    MNIST MLP 20 sigmoid  below the tuned baselines at 100 and 200 steps   see README
-    MNIST MLP, ReLU       fails: the tuned baselines win                   see README
+    MNIST MLP 20 sigmoid  below the tuned baselines at 100 and 200 steps   0.280 vs best baseline
+                                                                           0.299 (NAG); also below
+                                                                           at 200 steps, 40 units
+                                                                           and 2 layers
+    MNIST MLP, ReLU       fails: the tuned baselines win                   fails: 0.639 vs 0.320
+                                                                           (Adam)
     ====================  ===============================================  ===========================
 
 Baselines tune their learning rate per problem family on validation problems

@@ -14,8 +14,8 @@ port that reproduced them):
 
 * ``l2l-quadratics``: 10-d quadratics, Gaussian convention, 2000 training problems of 128 functions,
   raw gradients, output scale 1, 100 steps in truncations of 20, meta lr 3e-3;
-* ``l2l-mnist``: the MNIST MLP 784-20-10 sigmoid, batch 128, log/sign preprocessing (p = 10),
-  output scale 0.1, meta lr 1e-2; transfer to 40 hidden units, two hidden layers, and ReLU.
+* ``l2l-mnist``: the MNIST MLP 784-20-10 sigmoid, batch 128, 1000 training problems, log/sign
+  preprocessing (p = 10), output scale 0.1, meta lr 1e-2; transfer to 40 hidden units, two hidden layers, and ReLU.
 
 Usage::
 
@@ -70,7 +70,7 @@ OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
     },
     "l2l-mnist": {
         "rule": {"preprocessing": True, "output_scale": 0.1},
-        "train": {"epochs": 200, "steps": 100, "unroll": 20, "meta_lr": 1e-2, "eval_every": 20, "val_problems": 4},
+        "train": {"epochs": 1000, "steps": 100, "unroll": 20, "meta_lr": 1e-2, "eval_every": 20, "val_problems": 4},
         "family": lambda part: _mnist(part),
         "test_family": lambda: _mnist("meta-test"),
         "test_problems": 20,

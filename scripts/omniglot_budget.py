@@ -93,17 +93,19 @@ def report(ways: int, names: list[str], root: Path, title: str) -> str:
     """Write ``<title>.md`` (table) and ``<title>.png`` (validation curves) of the finished runs among ``names``."""
     folder = root / f"omniglot-{ways}w1s"
     runs = [load_run(folder / name) for name in names if (folder / name / "eval.json").exists()]
-    lines = ["| variant | test accuracy (95% CI) | test steps | iterations | CPU min | tasks / CPU s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| variant | test accuracy (95% CI) | test steps | batch norm | iterations | CPU min | tasks / CPU s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for run in runs:
         result = run.evaluation["result"]
         last = run.records[-1]
         cpu_s = last["time/train_cpu_s"]
         tasks = run.iterations * run.config["meta_batch"]
         lines.append(f"| {VARIANTS[run.name][0]} | {100 * result['mean']:.2f}% ± {100 * result['ci95']:.2f}% | "
-                     f"{result['protocol']['inner_steps']} | {run.iterations} | {cpu_s / 60:.1f} | "
+                     f"{result['protocol']['inner_steps']} | {result['protocol']['bn_policy']} | {run.iterations} | "
+                     f"{cpu_s / 60:.1f} | "
                      f"{tasks / cpu_s:.1f} |")
-    protocol = {k: v for k, v in runs[0].evaluation["result"]["protocol"].items() if k != "inner_steps"} if runs else {}
+    per_run = ("inner_steps", "bn_policy")
+    protocol = {k: v for k, v in runs[0].evaluation["result"]["protocol"].items() if k not in per_run} if runs else {}
     table = "\n".join(lines) + f"\n\nProtocol: {json.dumps(protocol)}; 1 thread per run.\n"
     if runs:
         plot_runs(runs, folder / f"{title}.png", clock="cpu")
