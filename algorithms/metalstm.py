@@ -109,7 +109,6 @@ class MetaLSTMRule(UpdateRule):
         theta = torch.sigmoid(forget) * theta - torch.sigmoid(input_gate) * gradient
         return unflatten(theta, params), (lstm_state, forget, input_gate)
 
-
     @staticmethod
     def _gate(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, theta: torch.Tensor,
               previous: torch.Tensor) -> torch.Tensor:
