@@ -102,7 +102,8 @@ class MetaLSTMRule(UpdateRule):
         lstm_state, forget, input_gate = state
         theta = flatten(params)
         gradient = flatten(grads).detach()  # gradients as constants (§3.2)
-        features = torch.cat([preprocess(loss.detach().expand_as(gradient), self.p), preprocess(gradient, self.p)], 1)
+        loss_features = preprocess(loss.detach(), self.p).expand(gradient.numel(), 2)  # one loss, every coordinate
+        features = torch.cat([loss_features, preprocess(gradient, self.p)], 1)
         h, lstm_state = self.lstm(features, lstm_state)
         forget = self._gate(self.forget_weight, self.forget_bias, h, theta, forget)
         input_gate = self._gate(self.input_weight, self.input_bias, h, theta, input_gate)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from metaopt.checkpoint import write_json
+from metaopt.evaluation import confidence_interval
 from metaopt.learned_training import GRID, VAL_SEED, LearnedOptimizerTrainer, run_optimizer, tune_learning_rate
 from metaopt.optimizees import OptimizeeFamily, Quadratics
 
@@ -86,8 +87,7 @@ def _summary(runs: torch.Tensor, horizon: int) -> dict[str, float]:
     summary = {}
     for t in (horizon, 2 * horizon):
         final = runs[:, t]
-        ci95 = 1.96 * final.std() / len(final) ** 0.5 if len(final) > 1 else torch.tensor(float("nan"))
-        summary.update({f"mean_f{t}": float(final.mean()), f"ci95_f{t}": float(ci95),
+        summary.update({f"mean_f{t}": float(final.mean()), f"ci95_f{t}": confidence_interval(final),
                         f"median_f{t}": float(final.median())})
     return summary
 

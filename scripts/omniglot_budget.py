@@ -102,8 +102,7 @@ def report(ways: int, names: list[str], root: Path, title: str) -> str:
         tasks = run.iterations * run.config["meta_batch"]
         lines.append(f"| {VARIANTS[run.name][0]} | {100 * result['mean']:.2f}% ± {100 * result['ci95']:.2f}% | "
                      f"{result['protocol']['inner_steps']} | {result['protocol']['bn_policy']} | {run.iterations} | "
-                     f"{cpu_s / 60:.1f} | "
-                     f"{tasks / cpu_s:.1f} |")
+                     f"{cpu_s / 60:.1f} | {tasks / cpu_s:.1f} |")
     per_run = ("inner_steps", "bn_policy")
     protocol = {k: v for k, v in runs[0].evaluation["result"]["protocol"].items() if k not in per_run} if runs else {}
     table = "\n".join(lines) + f"\n\nProtocol: {json.dumps(protocol)}; 1 thread per run.\n"
