@@ -51,24 +51,31 @@ Example:
     >>> x, y = torch.randn(10, 1, 28, 28), torch.arange(5).repeat(2)
     >>> loss, _ = learner.meta_loss(Episode.stack([Episode(x[:5], y[:5], x[5:], y[5:])] * 2))
     >>> loss.backward()
-    >>> learner.graph.vertices.grad.shape
+    >>> learner.initialiser.graph.vertices.grad.shape
     torch.Size([4, 64])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.functional import Params
-from metaopt.meta_learner import MetaLearner, adapted_parameter_names
-from metaopt.rules import sgd
+from metaopt.engine.functional import Params
+from metaopt.engine.initialisers import Initialiser
+from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
+from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
+from metaopt.engine.rules import sgd
+from metaopt.options import ConfigError
+from metaopt.problems.episode import EpisodeTask
+from metaopt.registry import BuildContext, register_algorithm
 
-__all__ = ["ARML", "GRUAutoencoder", "KnowledgeGraph", "embedding_network"]
+__all__ = ["ARML", "ARMLOptions", "GRUAutoencoder", "GatedInitialisation", "KnowledgeGraph", "build_arml",
+           "embedding_network"]
 
 
 def embedding_network(input_shape: Sequence[int], dim: int) -> nn.Module:
@@ -159,12 +166,55 @@ class GRUAutoencoder(nn.Module):
         return codes.mean(0), F.mse_loss(reconstruction, rows)
 
 
+class GatedInitialisation(Initialiser):
+    """ARML's per-task initialisation (§4.1-4.3): θ_0 gated by a task representation, plus reconstruction losses.
+
+    Args:
+        shapes: the shapes of the parameters to gate, by name (one gate per output channel each).
+        ways: classes per task N (fixed: the prototype aggregator reads one-hot class ids).
+        embedding: the task-embedding network E, ``[N, ...] -> [N, embedding_dim]``.
+        embedding_dim: prototype dimension D.
+        vertices, sigma: the knowledge graph's vertices and link bandwidth (:class:`KnowledgeGraph`).
+        task_dim: size of each aggregator's task representation.
+        loss_weight: μ1 = μ2, the weight of the reconstruction losses.
+    """
+
+    def __init__(self, shapes: dict[str, torch.Size], ways: int, embedding: nn.Module, embedding_dim: int = 64,
+                 vertices: int = 4, sigma: float = 8.0, task_dim: int = 64, loss_weight: float = 0.01) -> None:
+        super().__init__()
+        self.ways = ways
+        self.loss_weight = loss_weight
+        self.embedding = embedding
+        self.graph = KnowledgeGraph(embedding_dim, vertices, sigma)
+        self.prototype_aggregator = GRUAutoencoder(embedding_dim + ways, task_dim)
+        self.enriched_aggregator = GRUAutoencoder(embedding_dim, task_dim)
+        self.gated = list(shapes)
+        self.gates = nn.ModuleDict({name.replace(".", "-"): nn.Linear(2 * task_dim, shape[0])
+                                    for name, shape in shapes.items()})
+
+    def forward(self, params: Params, task: EpisodeTask) -> tuple[Params, torch.Tensor]:
+        """θ_0 gated for one task, and its reconstruction loss μ (L_t + L_q)."""
+        support_x, support_y = task.support_x, task.support_y
+        onehot = F.one_hot(support_y, self.ways).to(support_x.dtype)
+        embedded = self.embedding(support_x)
+        prototypes = onehot.T @ embedded / onehot.sum(0).clamp_min(1)[:, None]
+        q, loss_q = self.prototype_aggregator(torch.cat([prototypes, torch.eye(self.ways, dtype=prototypes.dtype,
+                                                                               device=prototypes.device)], 1))
+        t, loss_t = self.enriched_aggregator(self.graph(prototypes))
+        representation = torch.cat([t, q])
+        gated = dict(params)
+        for name in self.gated:
+            gate = torch.sigmoid(self.gates[name.replace(".", "-")](representation))
+            gated[name] = params[name] * gate.reshape(gate.shape + (1,) * (params[name].dim() - 1))
+        return gated, self.loss_weight * (loss_t + loss_q)
+
+
 class ARML(MetaLearner):
     """Automated Relational Meta-Learning (Yao et al. 2020): MAML from a task-gated initialisation.
 
     Args:
         model: the network whose initialisation is meta-learned and gated per task.
-        ways: classes per task N (fixed: the prototype aggregator reads one-hot class ids).
+        ways: classes per task N.
         input_shape: shape of one example (``[C, H, W]`` or ``[F]``) for the default embedding.
         inner_lr: MAML's inner step size (official: 0.01 on images).
         inner_steps: inner steps during meta-training (official: 5).
@@ -174,44 +224,69 @@ class ARML(MetaLearner):
         sigma: Gaussian link bandwidth (official: 8 for images).
         task_dim: size of each aggregator's task representation.
         loss_weight: μ1 = μ2, the weight of the reconstruction losses (official: 0.01).
-        **kwargs: engine options of :class:`metaopt.meta_learner.MetaLearner` (``eval_inner_steps``,
-            ``strategy``, ``adapt``, ``bn_policy``...). The ``higher`` driver does not apply.
+        adapt: the parameters the inner loop adapts, which are also the ones gated.
+        **kwargs: engine options of :class:`metaopt.engine.meta_learner.MetaLearner` (``eval_inner_steps``,
+            ``strategy``, ``bn_policy``...).
     """
 
     def __init__(self, model: nn.Module, ways: int, input_shape: Sequence[int], inner_lr: float = 0.01,
                  inner_steps: int = 5, embedding: nn.Module | None = None, embedding_dim: int = 64,
                  vertices: int = 4, sigma: float = 8.0, task_dim: int = 64, loss_weight: float = 0.01,
                  adapt: str | Sequence[str] = "all", **kwargs: Any) -> None:
-        if kwargs.get("driver", "func") != "func":
-            raise ValueError("ARML gates the initialisation inside the torch.func inner loop; use driver='func'")
         if ways < 2:
             raise ValueError(f"ARML needs ways >= 2, got {ways}")
-        super().__init__(model, sgd(inner_lr), inner_steps=inner_steps, adapt=adapt, **kwargs)
-        self.ways = ways
-        self.loss_weight = loss_weight
-        self.embedding = embedding if embedding is not None else embedding_network(input_shape, embedding_dim)
-        self.graph = KnowledgeGraph(embedding_dim, vertices, sigma)
-        self.prototype_aggregator = GRUAutoencoder(embedding_dim + ways, task_dim)
-        self.enriched_aggregator = GRUAutoencoder(embedding_dim, task_dim)
-        gated = adapted_parameter_names(model, adapt) or [n for n, _ in model.named_parameters()]
-        shapes = dict(model.named_parameters())
-        self.gated = gated
-        self.gates = nn.ModuleDict({name.replace(".", "-"): nn.Linear(2 * task_dim, shapes[name].shape[0])
-                                    for name in gated})
-        self.inner.task_init = self.modulate
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        gated = adapted_parameter_names(model, adapt) or list(shapes)
+        embedding = embedding if embedding is not None else embedding_network(input_shape, embedding_dim)
+        initialiser = GatedInitialisation({name: shapes[name] for name in gated}, ways, embedding, embedding_dim,
+                                          vertices, sigma, task_dim, loss_weight)
+        super().__init__(model, sgd(inner_lr), inner_steps=inner_steps, adapt=adapt, initialiser=initialiser,
+                         **kwargs)
 
-    def modulate(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                 ) -> tuple[Params, torch.Tensor]:
-        """θ_0 gated for one task, and its reconstruction loss μ (L_t + L_q)."""
-        onehot = F.one_hot(support_y, self.ways).to(support_x.dtype)
-        embedded = self.embedding(support_x)
-        prototypes = onehot.T @ embedded / onehot.sum(0).clamp_min(1)[:, None]
-        q, loss_q = self.prototype_aggregator(torch.cat([prototypes, torch.eye(self.ways, dtype=prototypes.dtype,
-                                                                               device=prototypes.device)], 1))
-        t, loss_t = self.enriched_aggregator(self.graph(prototypes))
-        task = torch.cat([t, q])
-        gated = dict(params)
-        for name in self.gated:
-            gate = torch.sigmoid(self.gates[name.replace(".", "-")](task))
-            gated[name] = params[name] * gate.reshape(gate.shape + (1,) * (params[name].dim() - 1))
-        return gated, self.loss_weight * (loss_t + loss_q)
+
+@dataclass(frozen=True)
+class ARMLOptions(InnerLoopOptions, SecondOrderOptions, AdaptOptions):
+    """ARML's options (Yao et al. 2020; the official code's defaults).
+
+    Args:
+        inner_lr: MAML's inner step size.
+        vertices: meta-knowledge graph vertices.
+        sigma: the prototype-to-vertex Gaussian bandwidth.
+        loss_weight: the weight μ of the two reconstruction losses.
+        embedding_dim: prototype dimension D of the task embedding.
+        task_dim: size of each aggregator's task representation.
+    """
+
+    positive = ("inner_lr", "vertices", "sigma", "embedding_dim", "task_dim", *InnerLoopOptions.positive)
+    inner_lr: float = 0.01
+    inner_steps: int = 5
+    vertices: int = 4
+    sigma: float = 8.0
+    loss_weight: float = 0.01
+    embedding_dim: int = 64
+    task_dim: int = 64
+
+    def check(self) -> None:
+        super().check()
+        if self.loss_weight < 0:
+            raise ConfigError(f"option 'loss_weight' must be >= 0, got {self.loss_weight}")
+
+
+def _input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The example shape ARML's default embedding needs: ``(channels, 0, 0)`` for a convnet (its pooling is
+    adaptive, so the image side does not matter), ``(features,)`` for an MLP."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return (module.in_channels, 0, 0)
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+    raise ConfigError("ARML's embedding needs a model that starts with a Conv2d or a Linear layer")
+
+
+@register_algorithm("arml", ARMLOptions)
+def build_arml(options: ARMLOptions, context: BuildContext) -> ARML:
+    """ARML (Yao et al. 2020): MAML from an initialisation gated per task by a meta-knowledge graph."""
+    if not context.example.is_classification:
+        raise ConfigError("ARML builds class prototypes: it needs classification tasks (a dataset with ways)")
+    return ARML(context.model, ways=context.example.ways, input_shape=_input_shape(context.model),
+                **options.to_dict())

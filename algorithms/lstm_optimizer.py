@@ -6,9 +6,12 @@ One two-layer LSTM of 20 units and a linear read-out (20 -> 1) is shared by ever
 every parameter: the coordinates are the batch, each with its own hidden and cell states (§2.1).
 Its input ``x`` is the raw gradient coordinate, or with ``preprocessing`` the two log-magnitude /
 sign features with ``p = 10`` (Appendix A); ``s`` is the output scale (1 on the quadratics, 0.1 on
-MNIST, §3). The gradients enter as constants (``second_derivatives=False``, the paper's choice,
-§2.1): meta-gradients flow through θ and the LSTM but not through ∇f. Meta-training by truncated
-backpropagation is :class:`metaopt.learned_training.LearnedOptimizerTrainer`.
+MNIST, §3). The gradients enter as constants (option ``second_derivatives=False``, the paper's
+choice, §2.1): meta-gradients flow through θ and the LSTM but not through ∇f. The algorithm
+``"l2l"`` meta-trains it with :class:`metaopt.engine.optimizer_learner.OptimizerLearner` by
+truncated backpropagation (:class:`metaopt.estimators.truncated.TruncatedBackprop`; ``metaopt
+train --preset l2l-quadratics`` or ``l2l-mnist``); the evaluation of such a run scores it against
+tuned baselines.
 
 References:
     Andrychowicz, Denil, Gomez, Hoffman, Pfau, Schaul, Shillingford, de Freitas, 2016. Learning
@@ -33,9 +36,9 @@ protocol in the README):
     ====================  ===============================================  ===========================
 
 Baselines tune their learning rate per problem family on validation problems
-(:func:`metaopt.learned_training.tune_learning_rate`).
+(:func:`metaopt.evaluation.tuned_baselines.tune_learning_rate`).
 
-:class:`LearnedOptimizer` runs a rule, or a checkpoint written by the trainer, as an ordinary
+:class:`LearnedOptimizer` runs a rule, or a checkpoint of a trained run, as an ordinary
 ``torch.optim`` optimizer.
 
 Example:
@@ -45,7 +48,7 @@ Example:
     >>> state = rule.init(params)                      # per layer (h, c), one row per coordinate
     >>> tuple(state[0][0].shape)
     (9, 20)
-    >>> new, state = rule.step(params, {"w": torch.randn(3, 2), "b": torch.randn(3)}, state, t=0)
+    >>> new, state = rule.step(params, {"w": torch.randn(3, 2), "b": torch.randn(3)}, state, StepInfo(0))
     >>> tuple(new["w"].shape), tuple(new["b"].shape)
     ((3, 2), (3,))
     >>> model = torch.nn.Linear(4, 1)                  # the same rule in a plain PyTorch loop
@@ -61,18 +64,24 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from metaopt.checkpoint import CheckpointError, load_checkpoint, load_module_state
-from metaopt.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
-from metaopt.functional import Params
-from metaopt.rules import UpdateRule
+from metaopt.engine.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
+from metaopt.engine.functional import Params
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.engine.rules import StepInfo, UpdateRule
+from metaopt.estimators.truncated import TruncatedBackprop
+from metaopt.options import ConfigError, Options
+from metaopt.registry import BuildContext, register_algorithm
+from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
+from metaopt.training.experiment import load_learner
 
-__all__ = ["LSTMOptimizerRule", "LearnedOptimizer"]
+__all__ = ["L2LOptions", "LSTMOptimizerRule", "LearnedOptimizer", "build_l2l"]
 
 
 class LSTMOptimizerRule(UpdateRule):
@@ -87,37 +96,37 @@ class LSTMOptimizerRule(UpdateRule):
             (Appendix A, two inputs), instead of the raw coordinate (one input).
         p: the preprocessing's ``p`` (10 in the paper).
         output_scale: factor ``s`` of the network output (1.0 quadratics, 0.1 MNIST).
-        second_derivatives: let meta-gradients flow through the gradients fed to the LSTM;
-            ``False`` (the paper's choice) treats them as constants.
         hidden: LSTM units per layer (20).
         layers: stacked LSTM layers (2).
     """
 
-    def __init__(self, preprocessing: bool = False, p: float = 10.0, output_scale: float = 1.0,
-                 second_derivatives: bool = False, hidden: int = 20, layers: int = 2) -> None:
+    def __init__(self, preprocessing: bool = False, p: float = 10.0, output_scale: float = 1.0, hidden: int = 20,
+                 layers: int = 2) -> None:
         super().__init__()
-        #: The constructor's arguments: the trainer stores them with the weights in its checkpoints.
-        self.hparams = {"preprocessing": preprocessing, "p": p, "output_scale": output_scale,
-                        "second_derivatives": second_derivatives, "hidden": hidden, "layers": layers}
         self.preprocessing, self.p, self.output_scale = preprocessing, p, output_scale
-        self.second_derivatives = second_derivatives
         self.lstm = CoordinateLSTM(2 if preprocessing else 1, hidden=hidden, layers=layers)
         self.output = nn.Linear(hidden, 1)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> LSTMOptimizerRule:
-        """The rule kept in a checkpoint of :class:`metaopt.learned_training.LearnedOptimizerTrainer` (on the CPU).
+        """The rule of a checkpoint of a trained ``l2l`` run (``best.pt`` or ``last.pt``), on the CPU.
+
+        Checkpoints of the ``LearnedOptimizerTrainer`` of metaopt 0.1 load too.
 
         Raises:
-            CheckpointError: naming ``path``: missing, corrupt, not a trainer checkpoint, or of another rule.
+            CheckpointError: naming ``path``: missing, corrupt, or not of a run of this rule.
         """
-        state = load_checkpoint(path, required=("rule_class", "rule_hparams", "rule"))
-        if state["rule_class"] != cls.__name__:
-            raise CheckpointError(f"checkpoint {path} holds a {state['rule_class']} rule, not an {cls.__name__}; "
-                                  "load it with that rule's class")
-        weights = state["rule"]
-        rule = cls(**state["rule_hparams"]).to(next(iter(weights.values())).dtype)
-        load_module_state(rule, weights, path)
+        state = load_checkpoint(path)
+        if "rule_class" in state:  # metaopt 0.1: the rule's class, constructor arguments and weights
+            if state["rule_class"] != cls.__name__:
+                raise CheckpointError(f"checkpoint {path} holds a {state['rule_class']} rule, not an {cls.__name__}")
+            hparams = {k: v for k, v in state["rule_hparams"].items() if k != "second_derivatives"}
+            rule = cls(**hparams).to(next(iter(state["rule"].values())).dtype)
+            load_module_state(rule, state["rule"], path)
+            return rule
+        rule = load_learner(path).rule
+        if not isinstance(rule, cls):
+            raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
         return rule
 
     def features(self, grad: torch.Tensor) -> torch.Tensor:
@@ -136,17 +145,15 @@ class LSTMOptimizerRule(UpdateRule):
         first = next(iter(params.values()))
         return self.lstm.init_state(sum(p.numel() for p in params.values()), first.dtype, first.device)
 
-    def step(self, params: Params, grads: Params, state: LSTMState, t: int) -> tuple[Params, LSTMState]:
-        """One update of all the coordinates of ``params`` as one batch (the rule does not read ``t``)."""
-        del t
+    def step(self, params: Params, grads: Params, state: LSTMState, info: StepInfo) -> tuple[Params, LSTMState]:
+        """One update of all the coordinates of ``params`` as one batch (the rule reads neither step nor loss)."""
+        del info
         grad = flatten({name: grads[name] for name in params})
-        if not self.second_derivatives:
-            grad = grad.detach()
         update, state = self.network(self.features(grad), state)
         return unflatten(flatten(params) + self.output_scale * update, params), state
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"preprocessing={self.preprocessing}, p={self.p}, output_scale={self.output_scale}"
 
 
 def _pack(state: LSTMState) -> torch.Tensor:
@@ -172,9 +179,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters (or parameter groups) to optimize; the rule has no per-group options.
         rule: the rule to run, on the parameters' dtype and device.
-        checkpoint: instead of ``rule``, a ``best.pt`` / ``last.pt`` of
-            :class:`metaopt.learned_training.LearnedOptimizerTrainer`; its rule moves to the
-            parameters' device.
+        checkpoint: instead of ``rule``, a ``best.pt`` / ``last.pt`` of a trained ``l2l`` run
+            (:meth:`LSTMOptimizerRule.from_checkpoint`); its rule moves to the parameters' device.
 
     Raises:
         ValueError: both or neither of ``rule`` and ``checkpoint``.
@@ -185,7 +191,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  rule: LSTMOptimizerRule | None = None, checkpoint: str | Path | None = None) -> None:
         if (rule is None) == (checkpoint is None):
             raise ValueError("LearnedOptimizer takes either rule= (an LSTMOptimizerRule) or checkpoint= (a path to a "
-                             "best.pt or last.pt of LearnedOptimizerTrainer), exactly one of them")
+                             "best.pt or last.pt of a trained l2l run), exactly one of them")
         super().__init__(params, defaults={})
         if checkpoint is not None:
             device = self.param_groups[0]["params"][0].device
@@ -207,11 +213,55 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self.state[p] = {"step": 0, "lstm": _pack(self.rule.init({"p": p}))}
         lstm = _unpack(torch.cat([self.state[p]["lstm"] for p in params], dim=2))
         named = {str(i): p for i, p in enumerate(params)}
-        new, lstm = self.rule.step(named, {str(i): p.grad for i, p in enumerate(params)}, lstm,
-                                   t=self.state[params[0]]["step"])
+        info = StepInfo(self.state[params[0]]["step"], None if loss is None else loss.detach())
+        new, lstm = self.rule.step(named, {str(i): p.grad for i, p in enumerate(params)}, lstm, info)
         slices = _pack(lstm).split([p.numel() for p in params], dim=2)
         for i, (p, piece) in enumerate(zip(params, slices)):
             p.copy_(new[str(i)])
             self.state[p]["lstm"] = piece.clone()  # its own storage: a saved state holds this parameter's rows only
             self.state[p]["step"] += 1
         return loss
+
+
+@dataclass(frozen=True)
+class L2LOptions(Options):
+    """The LSTM optimizer's options (Andrychowicz et al. 2016; defaults: the quadratics setting).
+
+    Args:
+        preprocessing: feed log-magnitude / sign features of each gradient coordinate (Appendix A).
+        p: the preprocessing constant (None: the paper's 10; preprocessing only).
+        output_scale: factor of the network's output (1.0 quadratics, 0.1 MNIST).
+        lstm_units: LSTM units per layer.
+        lstm_layers: stacked LSTM layers.
+        second_derivatives: backpropagate through the optimizee's gradients (the paper: no, §2.1).
+        horizon: optimizee steps of a run, in training and evaluation.
+        truncation: optimizee steps per meta-update (truncated backpropagation).
+    """
+
+    positive = ("p", "output_scale", "lstm_units", "lstm_layers", "horizon", "truncation")
+    preprocessing: bool = False
+    p: float | None = None
+    output_scale: float = 1.0
+    lstm_units: int = 20
+    lstm_layers: int = 2
+    second_derivatives: bool = False
+    horizon: int = 100
+    truncation: int = 20
+
+    def check(self) -> None:
+        super().check()
+        if self.p is not None and not self.preprocessing:
+            raise ConfigError("option 'p' is the constant of the gradient preprocessing; it does nothing without "
+                              "preprocessing=True")
+        if self.truncation > self.horizon:
+            raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
+
+
+@register_algorithm("l2l", L2LOptions, problems="optimizees")
+def build_l2l(options: L2LOptions, context: BuildContext) -> tuple[OptimizerLearner, TruncatedBackprop]:
+    """Andrychowicz et al. 2016's coordinate-wise LSTM optimizer, trained by truncated backpropagation."""
+    del context
+    rule = LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
+                             hidden=options.lstm_units, layers=options.lstm_layers)
+    learner = OptimizerLearner(rule, options.horizon, first_order=not options.second_derivatives)
+    return learner, TruncatedBackprop(options.truncation)

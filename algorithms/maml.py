@@ -2,8 +2,9 @@
 
     θ'_i = θ - α ∇_θ L_support_i(θ)   (K steps)        meta-loss = mean_i L_query_i(θ'_i)
 
-Only θ is meta-learned; the inner rule is :func:`metaopt.rules.sgd`. First-order MAML treats
-the inner gradients as constants; ANIL (Raghu et al. 2020) adapts only the classifier head.
+Only θ (and, with ``learn_inner_lr``, α) is meta-learned; the inner rule is
+:func:`metaopt.engine.rules.sgd`. First-order MAML treats the inner gradients as constants; ANIL
+(Raghu et al. 2020) adapts only the classifier head (``adapt="head"``).
 
 References:
     Finn, Abbeel, Levine, 2017. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -13,11 +14,12 @@ References:
 
 Results (paper vs ours; commands and protocol in the README):
 
-    =========================  ==============  ==============
+    =========================  ==============  ====================================
     benchmark                  paper           metaopt
-    =========================  ==============  ==============
-    sinusoid K=10, 1 step MSE  ~0.2 (Fig. 2)   see README
-    =========================  ==============  ==============
+    =========================  ==============  ====================================
+    sinusoid K=10, 1 step MSE  ~0.2 (Fig. 2)   0.347 ± 0.034 (10 steps: 0.113)
+    Omniglot 5w1s              98.7 ± 0.4      96.66 ± 0.31 (2 CPU hours, 11k its)
+    =========================  ==============  ====================================
 
 Example:
     >>> import torch
@@ -36,15 +38,32 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from torch import nn
 
-from metaopt.batchnorm import PerStepBatchNorm, per_step_batchnorm
-from metaopt.functional import named_params, select
-from metaopt.meta_learner import MetaLearner, adapted_parameter_names
-from metaopt.rules import UpdateRule, per_step_sgd, sgd
+from metaopt.engine.higher_driver import HigherRule
+from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
+from metaopt.engine.meta_learner import MetaLearner
+from metaopt.engine.rules import sgd
+from metaopt.registry import BuildContext, register_algorithm
 
-__all__ = ["MAML"]
+__all__ = ["MAML", "MAMLOptions", "build_maml"]
+
+
+@dataclass(frozen=True)
+class MAMLOptions(InnerLoopOptions, SecondOrderOptions, AdaptOptions):
+    """MAML's options (Finn et al. 2017).
+
+    Args:
+        inner_lr: step size α of the inner gradient descent.
+        learn_inner_lr: meta-learn α as one scalar.
+    """
+
+    positive = ("inner_lr", *InnerLoopOptions.positive)
+    inner_lr: float = 0.4
+    learn_inner_lr: bool = False
 
 
 class MAML(MetaLearner):
@@ -55,48 +74,26 @@ class MAML(MetaLearner):
         inner_lr: step size α of the inner gradient descent.
         inner_steps: inner steps during meta-training (default: 1).
         first_order: drop second-order terms (first-order MAML).
-        anil: adapt only the classifier head (ANIL); equivalent to ``adapt="head"``.
         learn_inner_lr: meta-learn α as one scalar.
-        adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` or a list of names.
-        per_step_lr: MAML++'s LSLR: one learned α per parameter tensor and inner step, starting
-            at ``inner_lr`` (:func:`metaopt.rules.per_step_sgd`).
-        per_step_bn_stats: MAML++'s BNRS: batch-norm running statistics per inner step.
-        per_step_bn_weights: MAML++'s BNWB: batch-norm weights and biases per inner step, learned
-            in the outer loop only (the inner loop leaves them alone, as the official configs do).
-            With either per-step switch the model's batch-norm layers are replaced in place by
-            :class:`metaopt.batchnorm.PerStepBatchNorm` (same function until trained apart).
-        **kwargs: engine options of :class:`metaopt.meta_learner.MetaLearner` (``eval_inner_steps``,
-            ``strategy``, ``bn_policy``, ``loss_fn``, ``step_weights``, ``driver``, and MAML++'s
-            ``msl_epochs`` and ``second_order_from_epoch``); with ``driver="higher"`` the inner SGD
-            runs as ``torch.optim.SGD`` through ``higher``.
+        adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or names.
+        driver: ``"func"`` (torch.func) or ``"higher"`` (the inner SGD as ``torch.optim.SGD``
+            through ``higher``; same meta-gradients).
+        **kwargs: engine options of :class:`metaopt.engine.meta_learner.MetaLearner`
+            (``eval_inner_steps``, ``strategy``, ``bn_policy``, ``loss_fn``, ``step_weights``,
+            ``checkpoint_steps``).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1, first_order: bool = False,
-                 anil: bool = False, learn_inner_lr: bool = False, adapt: str | Sequence[str] = "all",
-                 per_step_lr: bool = False, per_step_bn_stats: bool = False, per_step_bn_weights: bool = False,
-                 **kwargs: object) -> None:
-        if anil and adapt != "all":
-            raise ValueError("pass either anil=True or adapt=..., not both")
-        if learn_inner_lr and per_step_lr:
-            raise ValueError("learn_inner_lr (one learned α) and per_step_lr (one per tensor and step) exclude each "
-                             "other; pass one of them")
-        if per_step_bn_stats or per_step_bn_weights:
-            per_step_batchnorm(model, inner_steps, per_step_bn_stats, per_step_bn_weights)
-        adapted = adapted_parameter_names(model, "head" if anil else adapt)
-        if per_step_bn_weights:
-            adapted = _without_per_step_norm(model, adapted)
-        rule: UpdateRule = sgd(inner_lr, learnable=learn_inner_lr)
-        if per_step_lr:
-            params = named_params(model)
-            rule = per_step_sgd(params if adapted is None else select(params, adapted), inner_steps, inner_lr)
-        super().__init__(model, rule, inner_steps=inner_steps, first_order=first_order,
-                         adapt="all" if adapted is None else adapted, **kwargs)
+                 learn_inner_lr: bool = False, adapt: str | Sequence[str] = "all",
+                 driver: Literal["func", "higher"] = "func", **kwargs: Any) -> None:
+        if driver not in ("func", "higher"):
+            raise ValueError(f"driver must be 'func' or 'higher', got {driver!r}")
+        rule = sgd(inner_lr, learnable=learn_inner_lr, dtype=next(model.parameters()).dtype)
+        super().__init__(model, HigherRule(rule) if driver == "higher" else rule, inner_steps=inner_steps,
+                         first_order=first_order, adapt=adapt, **kwargs)
 
 
-def _without_per_step_norm(model: nn.Module, adapted: list[str] | None) -> list[str]:
-    """``adapted`` (``None``: all) without the per-step batch-norm weights, which only the outer loop learns."""
-    per_step = {f"{prefix}.{name}" if prefix else name
-                for prefix, module in model.named_modules() if isinstance(module, PerStepBatchNorm)
-                for name, _ in module.named_parameters(recurse=False)}
-    names = [n for n, _ in model.named_parameters()] if adapted is None else adapted
-    return [n for n in names if n not in per_step]
+@register_algorithm("maml", MAMLOptions)
+def build_maml(options: MAMLOptions, context: BuildContext) -> MAML:
+    """MAML (Finn et al. 2017); first-order with first_order, ANIL with adapt="head"."""
+    return MAML(context.model, **options.to_dict())

@@ -11,7 +11,7 @@ input-gate bias U(-5, -4), so that training starts near gradient descent with a 
 
 Batch norm follows the paper (§3.3): statistics reset per task, batch statistics during the
 updates, and the query evaluated with the statistics the support set accumulated: the
-``"support"`` batch-norm policy of :mod:`metaopt.batchnorm` (the learner's layers use eps 1e-3 and
+``"support"`` batch-norm policy of :mod:`metaopt.engine.batchnorm` (the learner's layers use eps 1e-3 and
 momentum 0.9 in the paper's 1-shot setting, 0.95 in 5-shot; ``bn_momentum`` / ``bn_eps``).
 
 Where this departs from the paper or code: the paper writes the gate inputs as (∇, L, θ, previous
@@ -41,23 +41,26 @@ Example:
     >>> x, y = torch.randn(10, 1, 28, 28), torch.arange(5).repeat(2)
     >>> loss, _ = learner.meta_loss(Episode.stack([Episode(x[:5], y[:5], x[5:], y[5:])] * 2))
     >>> loss.backward()
-    >>> learner.rule.forget_bias.grad is not None, learner.bn_policy.value
+    >>> learner.rule.forget_bias.grad is not None, learner.bn_policy.name
     (True, 'support')
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from metaopt.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
-from metaopt.functional import Params
-from metaopt.meta_learner import MetaLearner
-from metaopt.rules import UpdateRule
+from metaopt.engine.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
+from metaopt.engine.functional import Params
+from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions
+from metaopt.engine.meta_learner import MetaLearner
+from metaopt.engine.rules import StepInfo, UpdateRule
+from metaopt.registry import BuildContext, register_algorithm
 
-__all__ = ["MetaLSTM", "MetaLSTMRule"]
+__all__ = ["MetaLSTM", "MetaLSTMOptions", "MetaLSTMRule", "build_metalstm"]
 
 #: The rule's state: layer 1's LSTM state and the previous forget and input gate pre-activations.
 MetaLSTMState = tuple[LSTMState, torch.Tensor, torch.Tensor]
@@ -70,8 +73,6 @@ class MetaLSTMRule(UpdateRule):
         hidden: units of the first, standard LSTM layer (20).
         p: preprocessing constant (10).
     """
-
-    needs_loss = True
 
     def __init__(self, hidden: int = 20, p: float = 10.0) -> None:
         super().__init__()
@@ -94,11 +95,11 @@ class MetaLSTMRule(UpdateRule):
         zeros = torch.zeros_like(theta)
         return self.lstm.init_state(theta.numel(), theta.dtype, theta.device), zeros, zeros
 
-    def step(self, params: Params, grads: Params, state: MetaLSTMState, t: int,
-             loss: torch.Tensor | None = None) -> tuple[Params, MetaLSTMState]:
-        del t
-        if loss is None:
-            raise ValueError("MetaLSTMRule reads the inner loss; call step(..., loss=...)")
+    def step(self, params: Params, grads: Params, state: MetaLSTMState,
+             info: StepInfo) -> tuple[Params, MetaLSTMState]:
+        if info.loss is None:
+            raise ValueError("MetaLSTMRule reads the inner loss; pass it as StepInfo(t, loss)")
+        loss = info.loss
         lstm_state, forget, input_gate = state
         theta = flatten(params)
         gradient = flatten(grads).detach()  # gradients as constants (§3.2)
@@ -126,16 +127,43 @@ class MetaLSTM(MetaLearner):
             get ``bn_eps`` and ``bn_momentum`` (in place).
         inner_steps: updates on the support set (paper: 12 for 1-shot, 8 for 5-shot), each on
             the whole support set.
-        hidden: units of the first LSTM layer.
+        lstm_units: units of the first LSTM layer.
         bn_eps, bn_momentum: the learner's batch-norm settings (paper: 1e-3 and 0.9 / 0.95).
-        **kwargs: engine options of :class:`metaopt.meta_learner.MetaLearner` (``eval_inner_steps``,
-            ``adapt``...). ``bn_policy`` defaults to ``"support"`` and the strategy is the loop.
+        bn_policy: the batch-norm policy (the paper's: ``"support"``).
+        **kwargs: engine options of :class:`metaopt.engine.meta_learner.MetaLearner` (``eval_inner_steps``,
+            ``adapt``...). The meta-gradient is first-order (the paper's gradients enter as constants).
     """
 
-    def __init__(self, model: nn.Module, inner_steps: int = 12, hidden: int = 20, bn_eps: float = 1e-3,
+    def __init__(self, model: nn.Module, inner_steps: int = 12, lstm_units: int = 20, bn_eps: float = 1e-3,
                  bn_momentum: float = 0.9, bn_policy: str = "support", **kwargs: Any) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eps, module.momentum = bn_eps, bn_momentum
-        super().__init__(model, MetaLSTMRule(hidden), inner_steps=inner_steps, first_order=True, bn_policy=bn_policy,
-                         **kwargs)
+        super().__init__(model, MetaLSTMRule(lstm_units), inner_steps=inner_steps, first_order=True,
+                         bn_policy=bn_policy, **kwargs)
+
+
+@dataclass(frozen=True)
+class MetaLSTMOptions(InnerLoopOptions, AdaptOptions):
+    """The meta-learner LSTM's options (Ravi & Larochelle 2017).
+
+    Args:
+        inner_steps: updates on the support set (the paper: 12 for 1-shot, 8 for 5-shot).
+        bn_policy: batch-norm policy (the paper's: "support", per-task statistics).
+        lstm_units: units of the first, standard LSTM layer.
+        bn_momentum: the learner's batch-norm momentum (0.9 for 1-shot, 0.95 for 5-shot).
+        bn_eps: the learner's batch-norm epsilon.
+    """
+
+    positive = ("lstm_units", "bn_eps", *InnerLoopOptions.positive)
+    inner_steps: int = 12
+    bn_policy: str = "support"
+    lstm_units: int = 20
+    bn_momentum: float = 0.9
+    bn_eps: float = 1e-3
+
+
+@register_algorithm("metalstm", MetaLSTMOptions)
+def build_metalstm(options: MetaLSTMOptions, context: BuildContext) -> MetaLSTM:
+    """Ravi & Larochelle's meta-learner LSTM (2017): an LSTM whose cell state is the learner's parameters."""
+    return MetaLSTM(context.model, **options.to_dict())

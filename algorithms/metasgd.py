@@ -18,8 +18,9 @@ Results (paper vs ours; commands and protocol in the README):
     Omniglot 20w1s      95.93 ± 0.38    see README (CPU time budget)
     ==================  ==============  ==========================================
 
-The paper draws α uniformly from [0.005, 0.1] (``init=(0.005, 0.1)``, the default);
-learn2learn starts every entry at one constant (``init=0.01``, say). Results state which.
+The paper draws α uniformly from [0.005, 0.1] (``init=(0.005, 0.1)``, the default; option
+``init="uniform"``); learn2learn starts every entry at one constant (``init=0.01``; options
+``init="constant", init_lr=0.01``). Results state which.
 
 Example:
     >>> import torch
@@ -36,15 +37,44 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from metaopt.functional import named_params, select
-from metaopt.meta_learner import MetaLearner, adapted_parameter_names
-from metaopt.rules import meta_sgd
+from metaopt.engine.functional import named_params, select
+from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
+from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
+from metaopt.engine.rules import meta_sgd
+from metaopt.options import ConfigError
+from metaopt.registry import BuildContext, register_algorithm
 
-__all__ = ["MetaSGD"]
+__all__ = ["MetaSGD", "MetaSGDOptions", "build_metasgd"]
+
+UNIFORM = (0.005, 0.1)  # the paper's range of the initial step sizes
+
+
+@dataclass(frozen=True)
+class MetaSGDOptions(InnerLoopOptions, SecondOrderOptions, AdaptOptions):
+    """Meta-SGD's options (Li et al. 2017).
+
+    Args:
+        init: initial step sizes: "uniform" in [0.005, 0.1] (the paper) or "constant" (every entry
+            init_lr, as learn2learn).
+        init_lr: the constant of init="constant".
+    """
+
+    positive = ("init_lr", *InnerLoopOptions.positive)
+    init: Literal["uniform", "constant"] = "uniform"
+    init_lr: float | None = None
+
+    def check(self) -> None:
+        super().check()
+        if (self.init == "constant") != (self.init_lr is not None):
+            raise ConfigError("option 'init_lr' is the starting step size of init='constant' and is required there; "
+                              f"with init='uniform' the step sizes are drawn from U{list(UNIFORM)}: got "
+                              f"init={self.init!r}, init_lr={self.init_lr}")
 
 
 class MetaSGD(MetaLearner):
@@ -54,21 +84,28 @@ class MetaSGD(MetaLearner):
         model: network to adapt; run functionally, never mutated by adaptation.
         init: initial α: ``(low, high)`` for a uniform draw (the paper's ``(0.005, 0.1)``) or a constant.
         inner_steps: inner steps at meta-training (the paper: 1).
-        eval_inner_steps: inner steps at evaluation (default: ``inner_steps``; the paper: 1).
         first_order: drop second-order terms of the meta-gradient.
         adapt: which parameters the inner loop updates (and get a learned α).
         generator: random generator for the uniform draw (default: torch's global one, so the
             run's seed fixes it).
-        **kwargs: engine options of :class:`metaopt.meta_learner.MetaLearner` (``strategy``,
-            ``bn_policy``, ``loss_fn``...). The ``higher`` driver does not apply: no
+        **kwargs: engine options of :class:`metaopt.engine.meta_learner.MetaLearner` (``eval_inner_steps``,
+            ``strategy``, ``bn_policy``, ``loss_fn``...). The ``higher`` driver does not apply: no
             ``torch.optim`` optimizer has a step size per entry.
     """
 
-    def __init__(self, model: nn.Module, init: float | tuple[float, float] = (0.005, 0.1), inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False, adapt: str | Sequence[str] = "all",
-                 generator: torch.Generator | None = None, **kwargs: object) -> None:
+    def __init__(self, model: nn.Module, init: float | tuple[float, float] = UNIFORM, inner_steps: int = 1,
+                 first_order: bool = False, adapt: str | Sequence[str] = "all",
+                 generator: torch.Generator | None = None, **kwargs: Any) -> None:
         adapted = adapted_parameter_names(model, adapt)
         params = named_params(model)
         rule = meta_sgd(params if adapted is None else select(params, adapted), init, generator)
-        super().__init__(model, rule, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-                         first_order=first_order, adapt=adapt, **kwargs)
+        super().__init__(model, rule, inner_steps=inner_steps, first_order=first_order, adapt=adapt, **kwargs)
+
+
+@register_algorithm("metasgd", MetaSGDOptions)
+def build_metasgd(options: MetaSGDOptions, context: BuildContext) -> MetaSGD:
+    """Meta-SGD (Li et al. 2017): MAML with a learned step size for every parameter entry."""
+    settings = options.to_dict()
+    init = UNIFORM if settings.pop("init") == "uniform" else settings["init_lr"]
+    del settings["init_lr"]
+    return MetaSGD(context.model, init=init, **settings)

@@ -43,17 +43,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.functional import Params, named_params, select
-from metaopt.meta_learner import MetaLearner
-from metaopt.rules import UpdateRule, sgd
+from metaopt.engine.functional import Params, named_params, select
+from metaopt.engine.learner_options import InnerLoopOptions, SecondOrderOptions
+from metaopt.engine.meta_learner import MetaLearner
+from metaopt.engine.rules import StepInfo, UpdateRule, sgd
+from metaopt.registry import BuildContext, register_algorithm
 
-__all__ = ["MASKS", "MTNet", "MaskedSGD", "Transform", "insert_transforms"]
+__all__ = ["MASKS", "MTNet", "MTNetOptions", "MaskedSGD", "TNetOptions", "Transform", "build_mtnet", "build_tnet",
+           "insert_transforms"]
 
 MASKS = ("unit", "weight")
 
@@ -110,7 +114,7 @@ class MaskedSGD(UpdateRule):
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
         if not lr > 0:
             raise ValueError(f"inner learning rate must be > 0, got {lr}")
-        self.register_buffer("lr", torch.tensor(float(lr)))
+        self.lr = float(lr)
         self.mask = mask
         self.keys = {name: self._key(name) for name in params}
         logits = {}
@@ -144,12 +148,15 @@ class MaskedSGD(UpdateRule):
             masks[name] = sample.reshape(sample.shape + (1,) * (p.dim() - sample.dim()))
         return masks
 
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        del t
+    def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
+        del info
         return {name: p - self.lr * state[name] * grads[name] for name, p in params.items()}, state
 
+    def logged(self) -> dict[str, float]:
+        return {"lr/inner": self.lr}
+
     def extra_repr(self) -> str:
-        return f"lr={self.lr.item():g}, mask={self.mask!r}"
+        return f"lr={self.lr:g}, mask={self.mask!r}"
 
 
 class MTNet(MetaLearner):
@@ -171,3 +178,38 @@ class MTNet(MetaLearner):
         adapted = _layer_parameter_names(model)
         rule = sgd(inner_lr) if mask is None else MaskedSGD(select(named_params(model), adapted), inner_lr, mask)
         super().__init__(model, rule, inner_steps=inner_steps, adapt=adapted, **kwargs)
+
+
+@dataclass(frozen=True)
+class TNetOptions(InnerLoopOptions, SecondOrderOptions):
+    """T-net's options (Lee & Choi 2018): MAML's inner loop on the layers' weights, T learned outside.
+
+    Args:
+        inner_lr: the inner step size α.
+    """
+
+    positive = ("inner_lr", *InnerLoopOptions.positive)
+    inner_lr: float = 0.4
+
+
+@dataclass(frozen=True)
+class MTNetOptions(TNetOptions):
+    """MT-net's options (Lee & Choi 2018).
+
+    Args:
+        mask: the mask logits: "unit" (one per output unit, the paper's) or "weight" (one per weight entry).
+    """
+
+    mask: Literal["unit", "weight"] = "unit"
+
+
+@register_algorithm("mtnet", MTNetOptions)
+def build_mtnet(options: MTNetOptions, context: BuildContext) -> MTNet:
+    """MT-net (Lee & Choi 2018): a learned transformation T after every layer and per-task masks."""
+    return MTNet(context.model, **options.to_dict())
+
+
+@register_algorithm("tnet", TNetOptions)
+def build_tnet(options: TNetOptions, context: BuildContext) -> MTNet:
+    """T-net (Lee & Choi 2018): MT-net's transformations T without the masks."""
+    return MTNet(context.model, mask=None, **options.to_dict())

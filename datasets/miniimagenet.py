@@ -52,8 +52,10 @@ import torch
 from PIL import Image
 
 from metaopt.datasets._common import TensorClassDataset, cache_dir, dataset_root, load_cached, save_cached
+from metaopt.problems.sampling import EpisodeOptions, EpisodeSampler, episode_sampler
+from metaopt.registry import register_dataset
 
-__all__ = ["MiniImageNet", "MiniImageNetSplit", "miniimagenet_split"]
+__all__ = ["MiniImageNet", "MiniImageNetOptions", "MiniImageNetSplit", "build_miniimagenet", "miniimagenet_split"]
 
 IMAGE_SIZE = 84
 IMAGES_PER_CLASS = 600
@@ -259,3 +261,22 @@ class MiniImageNet(TensorClassDataset):
         self.root, self.split = folder, split
         index = torch.arange(len(names) * images_per_class).reshape(len(names), images_per_class)
         super().__init__(payload["images"], list(index), names)
+
+
+@dataclass(frozen=True)
+class MiniImageNetOptions(EpisodeOptions):
+    """miniImageNet few-shot tasks of the Ravi & Larochelle split (64/16/20 classes of 600 images).
+
+    Args:
+        data_root: folder holding the datasets, one sub-folder each (data_root/miniimagenet);
+            None: $METAOPT_DATA.
+    """
+
+    data_root: str | None = None
+
+
+@register_dataset("miniimagenet", MiniImageNetOptions)
+def build_miniimagenet(options: MiniImageNetOptions, split: str, seed: int) -> EpisodeSampler:
+    """miniImageNet (Vinyals et al. 2016) with the class split of Ravi & Larochelle (2017)."""
+    root = None if options.data_root is None else Path(options.data_root) / "miniimagenet"
+    return episode_sampler(MiniImageNet(root, split=split), options, split, seed)

@@ -52,13 +52,18 @@ import struct
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from metaopt.datasets._common import dataset_root
+from metaopt.options import Options
+from metaopt.problems.optimizees import Optimizee, OptimizeeStream, optimizee_stream
+from metaopt.registry import register_dataset
 
 __all__ = [
     "ACTIVATIONS",
@@ -66,8 +71,10 @@ __all__ = [
     "KNOWN_MD5",
     "MIRRORS",
     "PARTS",
+    "MNISTMLPOptions",
     "MNISTOptimizee",
     "MNISTOptimizees",
+    "build_mnist_mlp",
     "download_mnist",
     "load_mnist",
     "meta_split_indices",
@@ -239,7 +246,7 @@ def _generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-class MNISTOptimizee:
+class MNISTOptimizee(Optimizee):
     """One MNIST problem: an MLP initialised from ``seed`` and its minibatch losses.
 
     Created by :meth:`MNISTOptimizees.sample`; shares the family's image tensor.
@@ -333,3 +340,30 @@ class MNISTOptimizees:
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         return MNISTOptimizee(self, seed)
+
+
+@dataclass(frozen=True)
+class MNISTMLPOptions(Options):
+    """The MNIST MLP optimizees of a run (training and validation on the meta-train half, test on the other).
+
+    Args:
+        hidden: hidden layer sizes (the paper: 20; transfer: 40, or 20 and 20).
+        activation: "sigmoid" (the paper) or "relu" (the transfer experiment where it fails).
+        batch_size: images per minibatch (128).
+        data_root: folder holding the datasets, one sub-folder each (data_root/mnist); None: $METAOPT_DATA.
+    """
+
+    positive = ("batch_size",)
+    hidden: tuple[int, ...] = (20,)
+    activation: Literal["sigmoid", "relu"] = "sigmoid"
+    batch_size: int = 128
+    data_root: str | None = None
+
+
+@register_dataset("mnist-mlp", MNISTMLPOptions, problems="optimizees")
+def build_mnist_mlp(options: MNISTMLPOptions, split: str, seed: int) -> OptimizeeStream:
+    """MLPs on MNIST minibatches (Andrychowicz et al. 2016, §3.2), meta-train and meta-test halves of the images."""
+    root = None if options.data_root is None else Path(options.data_root) / "mnist"
+    family = MNISTOptimizees(root, hidden=options.hidden, activation=options.activation, batch=options.batch_size,
+                             part="meta-test" if split == "test" else "meta-train")
+    return optimizee_stream(family, split, seed, {"hidden": list(options.hidden), "activation": options.activation})

@@ -37,8 +37,10 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,8 +53,10 @@ from metaopt.datasets._common import (
     load_cached,
     save_cached,
 )
+from metaopt.problems.sampling import EpisodeOptions, EpisodeSampler, episode_sampler
+from metaopt.registry import register_dataset
 
-__all__ = ["Omniglot", "download_omniglot", "safe_extract", "split_names"]
+__all__ = ["Omniglot", "OmniglotOptions", "build_omniglot", "download_omniglot", "safe_extract", "split_names"]
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 #: alphabets, characters of each source set (every character has 20 drawings)
@@ -200,7 +204,7 @@ def _load_images(root: Path, size: int) -> tuple[torch.Tensor, list[str], dict[s
 
 
 class Omniglot(TensorClassDataset):
-    """Omniglot characters of one split as a class dataset for :class:`metaopt.EpisodeSampler`.
+    """Omniglot characters of one split as a class dataset for :class:`metaopt.problems.sampling.EpisodeSampler`.
 
     Args:
         root: folder with ``images_background.zip`` and ``images_evaluation.zip`` (or the
@@ -295,3 +299,25 @@ def download_omniglot(root: str | os.PathLike, url: str = URL) -> None:
             raise ValueError(f"{address} did not return a zip archive")
         os.replace(tmp.name, root / f"{name}.zip")
     _Source(root).characters()
+
+
+@dataclass(frozen=True)
+class OmniglotOptions(EpisodeOptions):
+    """Omniglot few-shot tasks.
+
+    Args:
+        protocol: the class split: "maml" (1200 training characters x 4 rotations, 423 test;
+            Finn et al.) or "vinyals" (1028/172/423; Vinyals et al.).
+        data_root: folder holding the datasets, one sub-folder each (data_root/omniglot); None:
+            $METAOPT_DATA.
+    """
+
+    protocol: Literal["maml", "vinyals"] = "maml"
+    data_root: str | None = None
+
+
+@register_dataset("omniglot", OmniglotOptions)
+def build_omniglot(options: OmniglotOptions, split: str, seed: int) -> EpisodeSampler:
+    """Omniglot characters (Lake et al. 2015), MAML's or Vinyals' split, rotations as training classes."""
+    root = None if options.data_root is None else Path(options.data_root) / "omniglot"
+    return episode_sampler(Omniglot(root, split=split, protocol=options.protocol), options, split, seed)

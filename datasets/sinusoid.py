@@ -15,14 +15,16 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from metaopt.episode import Episode
-from metaopt.sampling import TaskSampler
+from metaopt.problems.episode import Episode
+from metaopt.problems.sampling import TaskOptions, TaskSampler, split_seed
+from metaopt.registry import register_dataset
 
-__all__ = ["Sinusoid"]
+__all__ = ["Sinusoid", "SinusoidOptions", "build_sinusoid"]
 
 
 class Sinusoid(TaskSampler):
@@ -31,7 +33,7 @@ class Sinusoid(TaskSampler):
     Args:
         shots: support points per task (K).
         query: query points per task.
-        batch_size, seed, num_batches, start: see :class:`metaopt.sampling.TaskSampler`.
+        batch_size, seed, num_batches, start: see :class:`metaopt.problems.sampling.TaskSampler`.
         amplitude, phase, x_range: the uniform ranges of A, φ and x.
     """
 
@@ -54,3 +56,28 @@ class Sinusoid(TaskSampler):
         y = amp * torch.sin(x - phase)
         k = self.shots
         return Episode(x[:k], y[:k], x[k:], y[k:], validate=False)
+
+    def protocol(self) -> dict:
+        return {"shots": self.shots, "query": self.query}
+
+
+@dataclass(frozen=True)
+class SinusoidOptions(TaskOptions):
+    """Sinusoid regression tasks (MAML's: K support points, 10 query points, 25 tasks per meta-batch).
+
+    Args:
+        shots: support points per task (K).
+        query: query points per meta-training task.
+        eval_query: query points per validation and test task (None: query).
+    """
+
+    shots: int = 10
+    query: int = 10
+    meta_batch: int = 25
+
+
+@register_dataset("sinusoid", SinusoidOptions)
+def build_sinusoid(options: SinusoidOptions, split: str, seed: int) -> Sinusoid:
+    """Sinusoid regression (Finn et al. 2017, §5.1); every split draws from the same family, its own seed."""
+    return Sinusoid(shots=options.shots, query=options.query_of(split), batch_size=options.meta_batch,
+                    seed=split_seed(seed, split))

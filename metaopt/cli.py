@@ -1,27 +1,28 @@
-"""Command line: ``metaopt train``, ``metaopt eval``, ``metaopt bench``, ``metaopt compare`` and ``metaopt optbench``.
+"""Command line: ``metaopt train``, ``metaopt eval``, ``metaopt compare`` and ``metaopt bench``.
 
-Every field of :class:`metaopt.config.ExperimentConfig` is an option (``inner_lr`` is
-``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none`` clears an
-optional value). Options override a preset or a JSON config file, which override the defaults.
-Unknown or abbreviated options are rejected with the closest valid one.
+``metaopt train`` starts from a preset, a JSON config file, a stopped run or the default
+(``maml-sinusoid-10shot``); ``--algorithm``, ``--dataset`` and ``--model`` swap a part for another
+(with its default options). Every option of the trainer and of the chosen parts is a flag
+(``inner_lr`` is ``--inner-lr``; booleans take ``--first-order`` / ``--no-first-order``; ``none``
+clears an optional value); flags override the preset or file. A flag that the chosen algorithm,
+dataset or model does not take is an error that lists what it takes.
 
 Examples::
 
     metaopt train --preset maml-sinusoid-10shot
     metaopt train --preset maml-sinusoid-5shot --inner-lr 0.02 --iterations 1000 --run-dir runs/try
     metaopt train --resume runs/try                  # continue a stopped run exactly
-    metaopt train --preset maml-sinusoid-10shot --time-budget 30   # stop after 30 minutes of training
+    metaopt train --algorithm metasgd --help         # the options of Meta-SGD
+    metaopt train --preset l2l-quadratics            # a learned optimizer, scored against tuned baselines
     metaopt eval --run runs/try --checkpoint best --episodes 600 --steps 10
-    metaopt compare runs/maml-* runs/fomaml-* --out runs/compare.png   # table of results, chart of curves
+    metaopt compare runs/maml-* runs/metasgd-* --out runs/compare.png
     metaopt bench --threads 2 > bench.md             # speed, memory and operator counts (README tables)
-    metaopt optbench --preset l2l-quadratics --out runs/l2l-quadratics   # learned optimizer vs tuned baselines
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import re
 import sys
 import typing
@@ -30,16 +31,20 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metaopt.checkpoint import CheckpointError
-from metaopt.compare import RunDirError, load_run, markdown_table, plot_runs
-from metaopt.config import ConfigError, ExperimentConfig, TrainerConfig, load_preset, preset_names
-from metaopt.experiment import default_run_dir, evaluate_run, train
-from metaopt.optimizer_benchmark import OPTIMIZER_PRESETS
-from metaopt.optimizer_benchmark import main as run_optimizer_benchmark_main
-from metaopt.profiling import run_benchmark
-from metaopt.trainer import RESUMABLE_CHANGES, NonFiniteError
+from metaopt.evaluation.compare import RunDirError, load_run, markdown_table, plot_runs
+from metaopt.options import ConfigError, Options, field_help
+from metaopt.registry import Kind, entry, load_plugins, names
+from metaopt.training.checkpoint import CheckpointError
+from metaopt.training.config import RunConfig, Section, TrainerConfig, load_preset, preset_names
+from metaopt.training.experiment import default_run_dir, evaluate_run, train
+from metaopt.training.legacy import read_run_config
+from metaopt.training.trainer import RESUMABLE_CHANGES, NonFiniteError
 
 __all__ = ["build_parser", "main"]
+
+DEFAULT_PRESET = "maml-sinusoid-10shot"
+_SECTIONS: dict[str, Kind] = {"data": "dataset", "model": "model", "algorithm": "algorithm"}  # section -> kind
+_FLAG = {"data": "--dataset", "model": "--model", "algorithm": "--algorithm"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,18 +64,8 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _field_help() -> dict[str, str]:
-    """One help line per config field, taken from the ``Args`` sections of the config docstrings."""
-    helps: dict[str, str] = {}
-    for cls in (TrainerConfig, ExperimentConfig):
-        name = None
-        for line in (inspect.getdoc(cls) or "").partition("Args:\n")[2].splitlines():
-            match = re.fullmatch(r" {4}(\w+): (.*)", line)
-            if match:
-                name, helps[match.group(1)] = match.group(1), match.group(2)
-            elif name and line.startswith(" " * 8):
-                helps[name] += " " + line.strip()
-    return {k: v.replace("``", "").rstrip(".").replace("%", "%%") for k, v in helps.items()}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _optional(kind: type) -> Any:
@@ -81,95 +76,80 @@ def _optional(kind: type) -> Any:
     return parse
 
 
-def _add_field_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("config fields (override the defaults, the preset or the config file)")
-    hints = typing.get_type_hints(ExperimentConfig)
-    helps = _field_help()
-    for f in fields(ExperimentConfig):
+def _add_options(group: argparse._ArgumentGroup, options: type[Options], prefix: str, current: Options | None,
+                 skip: Sequence[str] = ()) -> None:
+    """One flag per option of ``options`` (dest ``prefix.name``), its help from the class docstring."""
+    hints = typing.get_type_hints(options)
+    helps = field_help(options)
+    for f in fields(options):
         hint = hints[f.name]
-        args = typing.get_args(hint)
-        option = "--" + f.name.replace("_", "-")
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
-        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helps.get(f.name, '')} (default: {default})"}
+        if f.name in skip or typing.get_origin(hint) is dict:
+            continue
+        value = getattr(current, f.name) if current is not None else f.default
+        shown = list(value) if isinstance(value, tuple) else value
+        common = {"dest": f"{prefix}.{f.name}", "default": argparse.SUPPRESS,
+                  "help": f"{helps.get(f.name, '')} (now: {shown})".replace("%", "%%")}
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
-            group.add_argument(option, action=argparse.BooleanOptionalAction, **common)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(hint) is tuple:
-            group.add_argument(option, nargs="*", type=int, metavar="N", **common)
-        elif type(None) in args:
-            group.add_argument(option, type=_optional(next(a for a in args if a is not type(None))), **common)
+            group.add_argument(_flag(f.name), nargs="*", type=typing.get_args(hint)[0], metavar="V", **common)
+        elif typing.get_origin(hint) is typing.Literal:
+            group.add_argument(_flag(f.name), choices=typing.get_args(hint), **common)
+        elif type(None) in typing.get_args(hint):
+            group.add_argument(_flag(f.name), type=_optional(args[0]), **common)
         else:
-            group.add_argument(option, type=hint, **common)
+            group.add_argument(_flag(f.name), type=hint, **common)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``metaopt`` argument parser (subcommands ``train``, ``eval``, ``bench``, ``compare`` and ``optbench``)."""
-    parser = _Parser(prog="metaopt", allow_abbrev=False,
-                     description="Optimization-based meta-learning: train, evaluate and compare runs.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _listing() -> str:
+    load_plugins()
+    lines = []
+    for kind, title in (("algorithm", "algorithms"), ("dataset", "datasets"), ("model", "models")):
+        lines.append(f"{title}:")
+        lines.extend(f"  {name:14} {entry(kind, name).summary}" for name in names(kind))
+    lines.append(f"presets: {', '.join(preset_names())}")
+    lines.append("metaopt train --algorithm NAME --help (or --dataset, --model, --preset) lists the options of a part.")
+    return "\n".join(lines)
 
-    train_parser = commands.add_parser(
-        "train", allow_abbrev=False, help="meta-train from a preset, a config file or a stopped run",
-        description="Meta-train, checkpoint and log into a run directory; at the end, score the best checkpoint "
-                    f"on the test tasks (final.json). Presets: {', '.join(preset_names())}.")
-    source = train_parser.add_mutually_exclusive_group()
+
+def _source_parser() -> argparse.ArgumentParser:
+    """The flags that choose the run's config; parsed first, so that the parts' own flags can be added."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", help="named preset to start from (see the list above)")
     source.add_argument("--config", type=Path, help="JSON config file to start from")
     source.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint, with its config.json")
-    train_parser.add_argument("--run-dir", type=Path,
-                              help="run directory (default: runs/<algorithm>-<dataset>-<shots>-<timestamp>)")
-    _add_field_options(train_parser)
-    train_parser.set_defaults(subparser=train_parser)
-
-    eval_parser = commands.add_parser(
-        "eval", allow_abbrev=False, help="evaluate a run's checkpoint on held-out tasks",
-        description="Evaluate a checkpoint of a run; prints mean ± 95%% CI with the protocol and writes "
-                    "RUN_DIR/eval.json.")
-    eval_parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-    eval_parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                             help="best validation checkpoint or the last one (default: best)")
-    eval_parser.add_argument("--episodes", type=int, help="tasks to evaluate on (default: the run's eval_episodes)")
-    eval_parser.add_argument("--steps", type=int, help="inner steps (default: the run's eval_inner_steps)")
-    eval_parser.add_argument("--split", choices=("test", "val"), default="test", help="task split (default: test)")
-    eval_parser.set_defaults(subparser=eval_parser)
-
-    compare_parser = commands.add_parser(
-        "compare", allow_abbrev=False, help="compare runs: a table of their results, a chart of their curves",
-        description="Print a Markdown table with one row per run (config, result ± 95%% CI with its protocol from "
-                    "final.json or eval.json, training time, tasks/s, iterations) and write a PNG chart of the "
-                    "validation metric by iteration and by training time, and of the training loss.")
-    compare_parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to compare")
-    compare_parser.add_argument("--out", type=Path, default=Path("compare.png"), metavar="PNG",
-                                help="chart file to write (default: compare.png)")
-    compare_parser.add_argument("--metric", help="validation figure to plot, e.g. val/accuracy (default: the first "
-                                                 "run's, val/mse or val/accuracy)")
-    compare_parser.set_defaults(subparser=compare_parser)
-
-    bench_parser = commands.add_parser(
-        "bench", allow_abbrev=False, help="measure meta-training speed, memory and operator counts",
-        description="Markdown tables of tasks/s and peak memory (loop, vmap, higher, learn2learn when importable, "
-                    "against a plain loop), ATen operators per meta-iteration, and second-order memory with "
-                    "stored versus recomputed inner steps (metaopt.profiling.run_benchmark).")
-    bench_parser.add_argument("--tasks", type=_positive, default=16,
-                              help="tasks per meta-batch of the throughput table (default: 16)")
-    bench_parser.add_argument("--repeats", type=_positive, default=3,
-                              help="timed meta-iterations per measurement, the median is reported (default: 3)")
-    bench_parser.add_argument("--threads", type=_positive, help="intra-op threads (default: torch's; 1 with --quick)")
-    bench_parser.add_argument("--sweep-tasks", type=_positive, default=4,
-                              help="tasks per meta-batch of the inner-steps memory sweep (default: 4)")
-    bench_parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer rows: a smoke run")
-    bench_parser.set_defaults(subparser=bench_parser)
-
-    optbench = commands.add_parser(
-        "optbench", allow_abbrev=False, help="train a learned optimizer and score it against tuned baselines",
-        description="Meta-train (or resume) a learned optimizer preset in OUT/train, tune the baselines' learning "
-                    "rates, and write OUT/results.{json,md} and OUT/curves.png (metaopt.optimizer_benchmark).")
-    optbench.add_argument("--preset", required=True, choices=sorted(OPTIMIZER_PRESETS))
-    optbench.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds a run)")
-    optbench.add_argument("--epochs", type=_positive, help="training problems (default: the preset's)")
-    optbench.add_argument("--test-problems", type=_positive, help="held-out problems (default: the preset's)")
-    optbench.set_defaults(subparser=optbench)
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<algorithm>-<dataset>-<timestamp>)")
+    for section, flag in _FLAG.items():
+        parser.add_argument(flag, dest=f"choose.{section}", metavar="NAME",
+                            help=f"the {_SECTIONS[section]} (with its default options; see the list above)")
     return parser
+
+
+def _chosen(args: argparse.Namespace) -> dict[str, Any]:
+    """The config the flags start from (a dict), with the parts ``--algorithm``, ``--dataset``, ``--model`` chose."""
+    if args.resume is not None:
+        raw = read_run_config(args.resume / "config.json").to_dict()
+    elif args.config is not None:
+        raw = RunConfig.from_json(args.config).to_dict()
+    else:
+        raw = load_preset(args.preset or DEFAULT_PRESET).to_dict()
+    for section, kind in _SECTIONS.items():
+        chosen = getattr(args, f"choose.{section}")
+        if chosen is not None and chosen != (raw.get(section) or {}).get("name"):
+            raw[section] = None if chosen == "none" else {"name": entry(kind, chosen).name}
+    algorithm = raw["algorithm"]["name"]
+    if entry("algorithm", algorithm).problems == "optimizees" and getattr(args, "choose.model") is None:
+        raw["model"] = None  # learned optimizers train on problems that define their networks
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _parts(raw: dict[str, Any]) -> dict[str, Section | None]:
+    """The sections of ``raw``, each checked on its own (for help on a combination that is not a valid run)."""
+    return {section: Section.from_dict(kind, raw[section]) if section in raw else None
+            for section, kind in _SECTIONS.items()}
 
 
 def _positive(text: str) -> int:
@@ -179,35 +159,162 @@ def _positive(text: str) -> int:
     return value
 
 
-def _train(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
+#: The other commands: one-line help, description, and their arguments as (flags, add_argument settings).
+_COMMANDS: dict[str, tuple[str, str, list[tuple[tuple[str, ...], dict[str, Any]]]]] = {
+    "eval": ("evaluate a run's checkpoint on held-out problems",
+             "Evaluate a checkpoint of a run; prints mean ± 95%% CI with the protocol (and, for a learned optimizer, "
+             "the table against tuned baselines) and writes RUN_DIR/eval.json.", [
+                 (("--run",), {"type": Path, "required": True, "metavar": "RUN_DIR", "help": "run directory"}),
+                 (("--checkpoint",), {"choices": ("best", "last"), "default": "best",
+                                      "help": "best validation checkpoint or the last one (default: best)"}),
+                 (("--episodes",), {"type": _positive, "help": "problems to evaluate on (default: the run's "
+                                                               "test_episodes or eval_episodes)"}),
+                 (("--steps",), {"type": _positive, "help": "inner steps (default: the learner's evaluation steps)"}),
+                 (("--split",), {"choices": ("test", "val"), "default": "test",
+                                 "help": "problem split (default: test)"}),
+             ]),
+    "compare": ("compare runs: a table of their results, a chart of their curves",
+                "Print a Markdown table with one row per run (config, result ± 95%% CI with its protocol from "
+                "final.json or eval.json, training time, tasks/s, iterations) and write a PNG chart of the validation "
+                "metric by iteration and by training time, and of the training loss.", [
+                    (("runs",), {"nargs": "+", "type": Path, "metavar": "RUN_DIR",
+                                 "help": "run directories to compare"}),
+                    (("--out",), {"type": Path, "default": Path("compare.png"), "metavar": "PNG",
+                                  "help": "chart file to write (default: compare.png)"}),
+                    (("--metric",), {"help": "validation figure to plot, e.g. val/accuracy (default: the first run's, "
+                                             "val/mse or val/accuracy)"}),
+                ]),
+    "bench": ("measure meta-training speed, memory and operator counts",
+              "Markdown tables of tasks/s and peak memory (loop, vmap, higher, learn2learn when importable, against a "
+              "plain loop), ATen operators per meta-iteration, and second-order memory with stored versus recomputed "
+              "inner steps (metaopt.bench).", [
+                  (("--tasks",), {"type": _positive, "default": 16,
+                                  "help": "tasks per meta-batch of the throughput table (default: 16)"}),
+                  (("--repeats",), {"type": _positive, "default": 3, "help": "timed meta-iterations per measurement, "
+                                                                          "the median is reported (default: 3)"}),
+                  (("--threads",), {"type": _positive, "help": "intra-op threads (default: torch's; 1 with --quick)"}),
+                  (("--sweep-tasks",), {"type": _positive, "default": 4,
+                                        "help": "tasks per meta-batch of the inner-steps memory sweep (default: 4)"}),
+                  (("--quick",), {"action": "store_true", "help": "tiny sizes and fewer rows: a smoke run"}),
+              ]),
+}
+
+
+def build_parser(config: RunConfig | None = None, parts: dict[str, Section | None] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """The ``metaopt`` parser; ``train`` takes the flags of ``config`` (seed, device, trainer options) and the
+    options of ``parts`` (the config's algorithm, dataset and model by default; ``{}`` for none)."""
+    parser = _Parser(prog="metaopt", allow_abbrev=False,
+                     description="Optimization-based meta-learning: train, evaluate and compare runs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train_parser = commands.add_parser(
+        "train", allow_abbrev=False, parents=[_source_parser()], formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="metaopt train [--preset NAME | --config FILE | --resume RUN_DIR] [--algorithm NAME] [--dataset NAME] "
+              "[--model NAME] [options]",
+        help="meta-train from a preset, a config file or a stopped run",
+        description="Meta-train, checkpoint and log into a run directory; at the end, score the best checkpoint "
+                    "on the test problems (final.json; learned optimizers against tuned baselines). Validation and "
+                    "test time are not part of --time-budget, which counts training time only.\n\n" + _listing())
+    if config is not None:
+        common = train_parser.add_argument_group("run options")
+        common.add_argument("--seed", type=int, dest="run.seed", default=argparse.SUPPRESS,
+                            help=f"fixes the initialisation and the problem streams (now: {config.seed})")
+        common.add_argument("--device", dest="run.device", default=argparse.SUPPRESS,
+                            help=f"'auto' (CUDA when available), 'cpu', 'cuda:0'... (now: {config.device})")
+        _add_options(common, TrainerConfig, "trainer", config.trainer)
+        parts = {section: getattr(config, section) for section in _SECTIONS} if parts is None else parts
+        for section, kind in _SECTIONS.items():
+            part = parts.get(section)
+            if part is not None:
+                group = train_parser.add_argument_group(f"options of {kind} {part.name!r}")
+                try:
+                    _add_options(group, type(part.options), section, part.options)
+                except argparse.ArgumentError as err:
+                    raise ConfigError(f"{err}: two parts of this run take an option of the same name") from None
+    train_parser.set_defaults(subparser=train_parser)
+
+    for name, (summary, description, arguments) in _COMMANDS.items():
+        sub = commands.add_parser(name, allow_abbrev=False, help=summary, description=description)
+        for flags, settings in arguments:
+            sub.add_argument(*flags, **settings)
+        sub.set_defaults(subparser=sub)
+    return parser
+
+
+def _misplaced(parser: argparse.ArgumentParser, config: RunConfig, unknown: Sequence[str]) -> NoReturn:
+    """Reject flags the run's parts do not take, naming the part and what it takes."""
+    for token in unknown:
+        name = token.split("=", 1)[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+        for section, kind in _SECTIONS.items():
+            part: Section | None = getattr(config, section)
+            others = [n for n in names(kind) if name in entry(kind, n).options.field_names()]
+            if part is None and others:
+                parser.error(f"{token.split('=', 1)[0]} is an option of {kind} {', '.join(others)}, but this run has "
+                             f"no {kind} (algorithm {config.algorithm.name!r} trains on problems that define their "
+                             "own networks)")
+            if part is not None and others and name not in part.options.field_names():
+                takes = ", ".join(_flag(n) for n in part.options.field_names()) or "none"
+                parser.error(f"{token.split('=', 1)[0]} is not an option of {kind} {part.name!r}; its options are "
+                             f"{takes} (it is an option of {', '.join(others)})")
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, as :meth:`RunConfig.replace` takes them."""
+    changes: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if section == "run":
+            changes[name] = value
+        elif section in ("trainer", *_SECTIONS):
+            changes.setdefault(section, {})[name] = value
+    return changes
+
+
+def _train(argv: Sequence[str]) -> int:
+    source, _ = _source_parser().parse_known_args(argv)
+    chosen = [section for section in _SECTIONS if getattr(source, f"choose.{section}") is not None]
+    raw = _chosen(source)
+    if {"-h", "--help"} & set(argv):  # the options of the parts named, even if they do not make a valid run
+        named = chosen or source.preset or source.config or source.resume
+        build_parser(RunConfig.from_dict(load_preset(DEFAULT_PRESET).to_dict() | {"trainer": raw.get("trainer", {})}),
+                     _parts(raw) if named else {}).parse_args(["train", *argv])
+    config = RunConfig.from_dict(raw)
+    parser = build_parser(config)
+    args, unknown = parser.parse_known_args(["train", *argv])
+    if unknown:
+        _misplaced(args.subparser, config, unknown)
+    changes = _overrides(args)
     if args.resume is not None:
         if args.run_dir is not None:
             args.subparser.error("--resume RUN_DIR names the run directory already; drop --run-dir")
-        fixed = sorted(set(overrides) - set(RESUMABLE_CHANGES))
+        given = [f"{k}.{n}" for k, v in changes.items() if isinstance(v, dict) for n in v]
+        given += [k for k, v in changes.items() if not isinstance(v, dict)] + [_FLAG[s] for s in chosen]
+        fixed = sorted(_flag(name.rpartition(".")[2]) if "." in name else name
+                       for name in given if name not in RESUMABLE_CHANGES)
         if fixed:
-            allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_CHANGES)
-            args.subparser.error(f"a resumed run keeps its config.json; "
-                                 f"{', '.join('--' + n.replace('_', '-') for n in fixed)} cannot change "
-                                 f"(only {allowed} may)")
-        config, run_dir = ExperimentConfig.from_json(args.resume / "config.json"), args.resume
-    else:
-        config = (load_preset(args.preset) if args.preset else
-                  ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig())
-        run_dir = args.run_dir
-    config = config.replace(**overrides)
-    run_dir = run_dir if run_dir is not None else default_run_dir(config)
+            allowed = ", ".join(_flag(name.rpartition(".")[2]) for name in RESUMABLE_CHANGES)
+            args.subparser.error(f"a resumed run keeps its config.json; {', '.join(fixed)} cannot change (only "
+                                 f"{allowed} may)")
+    config = config.replace(**changes)
+    run_dir = args.resume or args.run_dir or default_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-    final = train(config, run_dir, resume=args.resume is not None)
-    print(final["summary"])
-    print(f"test result written to {run_dir / 'final.json'}")
+    _report(train(config, run_dir, resume=args.resume is not None), Path(run_dir) / "final.json")
     return 0
 
 
+def _report(record: dict[str, Any], path: Path) -> None:
+    """Print an evaluation record: the result with its protocol, and a learned optimizer's baselines table."""
+    print(record["summary"])
+    if "baselines" in record:
+        print(record["baselines"]["table"])
+    print(f"written to {path}")
+
+
 def _eval(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run, args.checkpoint, episodes=args.episodes, steps=args.steps, split=args.split)
-    print(result)
-    print(f"written to {args.run / 'eval.json'}")
+    record = evaluate_run(args.run, args.checkpoint, episodes=args.episodes, steps=args.steps, split=args.split)
+    _report(record, args.run / "eval.json")
     return 0
 
 
@@ -220,30 +327,35 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from metaopt.bench.report import run_benchmark
+
     run_benchmark(tasks=args.tasks, repeats=args.repeats, threads=args.threads, quick=args.quick,
                   sweep_tasks=args.sweep_tasks, write=lambda text: print(text, flush=True))
     return 0
 
 
-def _optbench(args: argparse.Namespace) -> int:
-    run_optimizer_benchmark_main(args.preset, str(args.out), args.epochs, args.test_problems)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["optbench"]:
+        print("metaopt optbench: a learned optimizer is now an ordinary run whose evaluation scores it against tuned "
+              "baselines: metaopt train --preset l2l-quadratics --run-dir DIR, then metaopt eval --run DIR",
+              file=sys.stderr)
+        return 2
+    command = argv[0] if argv else None
     try:
-        commands = {"train": _train, "eval": _eval, "compare": _compare, "bench": _bench, "optbench": _optbench}
+        if command == "train":
+            return _train(argv[1:])
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        commands = {"eval": _eval, "compare": _compare, "bench": _bench}
         return commands[args.command](args)
     except ConfigError as err:
-        print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
+        print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteError, RunDirError) as err:
-        print(f"metaopt {args.command}: error: {err}", file=sys.stderr)
+        print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 1
 
 

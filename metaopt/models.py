@@ -1,5 +1,8 @@
 """Backbones of the meta-learning literature: Conv4 for images, an MLP for regression.
 
+Both are registered models (``"conv4"``, ``"mlp"``) with their options; a run builds its model
+sized for a sample batch of its tasks (inputs and number of classes or targets).
+
 Example:
     >>> import torch
     >>> Conv4(in_channels=1, num_classes=5, hidden=64)(torch.randn(2, 1, 28, 28)).shape
@@ -11,10 +14,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["MLP", "Conv4"]
+from metaopt.options import ConfigError, Options
+from metaopt.problems.episode import Episode
+from metaopt.registry import register_model
+
+__all__ = ["MLP", "Conv4", "Conv4Options", "MLPOptions", "build_conv4", "build_mlp"]
 
 
 class Conv4(nn.Sequential):
@@ -68,3 +76,59 @@ class MLP(nn.Sequential):
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         super().__init__(*layers)
+
+
+def _sizes(example: Episode) -> tuple[tuple[int, ...], int]:
+    """The shape of one input and the number of outputs (classes, or target features) of a sample batch."""
+    outputs = example.ways if example.is_classification else example.query_y.shape[-1]
+    return tuple(example.support_x.shape[2:]), outputs
+
+
+@dataclass(frozen=True)
+class MLPOptions(Options):
+    """A fully connected network for vector inputs.
+
+    Args:
+        hidden: hidden layer sizes (MAML's sinusoid regressor: 40, 40).
+    """
+
+    hidden: tuple[int, ...] = (40, 40)
+
+    def check(self) -> None:
+        super().check()
+        if any(size < 1 for size in self.hidden):
+            raise ConfigError(f"option 'hidden' must hold layer sizes >= 1, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class Conv4Options(Options):
+    """The four-block convolutional network for square images.
+
+    Args:
+        filters: channels of each convolution (64 Omniglot, 32 miniImageNet, 48 MAML++ miniImageNet).
+        strided: down-sample with stride-2 convolutions instead of max-pooling (MAML's Omniglot network).
+    """
+
+    positive = ("filters",)
+    filters: int = 64
+    strided: bool = False
+
+
+@register_model("mlp", MLPOptions)
+def build_mlp(options: MLPOptions, example: Episode) -> MLP:
+    """MLP with ReLU between layers, for vector inputs."""
+    features, outputs = _sizes(example)
+    if len(features) != 1:
+        raise ConfigError(f"model 'mlp' takes vectors, but the tasks give examples of shape {features}; use model "
+                          "'conv4'")
+    return MLP(features[0], outputs, hidden=options.hidden)
+
+
+@register_model("conv4", Conv4Options)
+def build_conv4(options: Conv4Options, example: Episode) -> Conv4:
+    """Conv4 of Vinyals et al. 2016 as used by MAML, for square images."""
+    features, outputs = _sizes(example)
+    if len(features) != 3 or features[1] != features[2]:
+        raise ConfigError(f"model 'conv4' takes square images [channels, side, side], but the tasks give examples "
+                          f"of shape {features}; use model 'mlp'")
+    return Conv4(features[0], outputs, hidden=options.filters, image_size=features[1], strided=options.strided)

@@ -1,6 +1,6 @@
 """Measure meta-training speed, memory and operator counts: ``python scripts/benchmark.py`` is ``metaopt bench``.
 
-One run measures, with ratios taken within the run (see :mod:`metaopt.profiling` for how):
+One run measures, with ratios taken within the run (see :mod:`metaopt.bench` for how):
 
 1. tasks/s and peak memory of 5-way and 20-way 1-shot Omniglot-shaped MAML, second and first
    order: the metaopt loop, vmap and higher drivers and learn2learn, against a plain

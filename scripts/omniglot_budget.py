@@ -34,28 +34,36 @@ from pathlib import Path
 
 import torch
 
-from metaopt.compare import load_run, plot_runs
-from metaopt.config import ExperimentConfig, load_preset
-from metaopt.experiment import evaluate_run, train
+from metaopt.evaluation.compare import load_run, plot_runs
+from metaopt.training.config import RunConfig, load_preset
+from metaopt.training.experiment import evaluate_run, train
 
-MAMLPP = {"msl_epochs": 5, "per_step_lr": True, "per_step_bn_stats": True, "per_step_bn_weights": True,
-          "second_order_from_epoch": 10, "lr_schedule": "cosine", "min_meta_lr": 1e-5}
+#: The MAML++ switches, all off: MAML++ with one of them on is MAML plus that technique.
+OFF = {"msl_epochs": None, "second_order_from_epoch": None, "per_step_bn_stats": False, "per_step_bn_weights": False,
+       "per_step_lr": False}
+COSINE = {"lr_schedule": "cosine", "min_meta_lr": 1e-5}
+STEPS = {"inner_steps": 3, "eval_inner_steps": 3, "strategy": "loop"}
+MAMLPP = {"name": "mamlpp", "inner_lr": 0.4, **STEPS, **OFF}  # MAML's base setting as MAML++ with every switch off
+#: label and config changes per variant; an algorithm section with a name replaces the base's.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "maml": ("MAML", {}),
-    "msl": ("+ MSL", {"msl_epochs": 5}),
-    "lslr": ("+ LSLR", {"per_step_lr": True}),
-    "bn": ("+ BNRS + BNWB", {"per_step_bn_stats": True, "per_step_bn_weights": True}),
-    "da": ("+ DA", {"second_order_from_epoch": 10}),
-    "ca": ("+ CA", {"lr_schedule": "cosine", "min_meta_lr": 1e-5}),
-    "mamlpp": ("MAML++ (all)", {"algorithm": "mamlpp", **MAMLPP}),
-    "metasgd": ("Meta-SGD", {"algorithm": "metasgd", "inner_steps": 1, "eval_inner_steps": 1,
-                             "metasgd_init": "uniform"}),
-    "tnet": ("T-net", {"algorithm": "tnet"}),
-    "mtnet": ("MT-net", {"algorithm": "mtnet", "mtnet_mask": "unit"}),
-    "arml": ("ARML", {"algorithm": "arml", "arml_vertices": 4, "arml_sigma": 8.0, "arml_loss_weight": 0.01}),
-    "metalstm": ("Meta-learner LSTM", {"algorithm": "metalstm", "inner_steps": 12, "eval_inner_steps": 12,
-                                       "bn_policy": "support", "first_order": True, "meta_batch": 1,
-                                       "query": 15, "grad_clip": 0.25}),
+    "msl": ("+ MSL", {"algorithm": {**MAMLPP, "msl_epochs": 5}}),
+    "lslr": ("+ LSLR", {"algorithm": {**MAMLPP, "per_step_lr": True}}),
+    "bn": ("+ BNRS + BNWB", {"algorithm": {**MAMLPP, "per_step_bn_stats": True, "per_step_bn_weights": True}}),
+    "da": ("+ DA", {"algorithm": {**MAMLPP, "second_order_from_epoch": 10}}),
+    "ca": ("+ CA", {"trainer": COSINE}),
+    "mamlpp": ("MAML++ (all)", {"algorithm": {**MAMLPP, "msl_epochs": 5, "second_order_from_epoch": 10,
+                                              "per_step_bn_stats": True, "per_step_bn_weights": True,
+                                              "per_step_lr": True}, "trainer": COSINE}),
+    "metasgd": ("Meta-SGD", {"algorithm": {"name": "metasgd", "inner_steps": 1, "eval_inner_steps": 1,
+                                           "strategy": "loop", "init": "uniform"}}),
+    "tnet": ("T-net", {"algorithm": {"name": "tnet", "inner_lr": 0.4, **STEPS}}),
+    "mtnet": ("MT-net", {"algorithm": {"name": "mtnet", "inner_lr": 0.4, "mask": "unit", **STEPS}}),
+    "arml": ("ARML", {"algorithm": {"name": "arml", "inner_lr": 0.4, "vertices": 4, "sigma": 8.0,
+                                    "loss_weight": 0.01, **STEPS}}),
+    "metalstm": ("Meta-learner LSTM", {"algorithm": {"name": "metalstm", "inner_steps": 12, "eval_inner_steps": 12,
+                                                     "bn_policy": "support", "strategy": "loop"},
+                                       "data": {"meta_batch": 1, "query": 15}, "trainer": {"grad_clip": 0.25}}),
 }
 GROUPS = {
     ("mamlpp", 5): ["maml", "msl", "lslr", "bn", "da", "ca", "mamlpp", "metasgd"],
@@ -68,15 +76,19 @@ TEST_EPISODES = 600
 NOMINAL_ITERATIONS = {5: 1000, 20: 250}  # about what 10 CPU minutes allow; the epoch schedules span them
 
 
-def variant_config(name: str, ways: int, budget: float) -> ExperimentConfig:
+def variant_config(name: str, ways: int, budget: float) -> RunConfig:
     """The ablation's base setting with variant ``name``'s techniques switched on."""
-    preset = load_preset(f"maml-omniglot-{ways}w1s")
     nominal = NOMINAL_ITERATIONS[ways]
-    base = preset.replace(inner_steps=3, eval_inner_steps=3, inner_lr=0.4, meta_batch=16, iterations=nominal,
-                          epoch_length=nominal // 50, time_budget=budget, budget_clock="cpu", strategy="loop",
-                          eval_every=nominal // 4, eval_episodes=100, checkpoint_every=50, log_every=25)
-    config = base.replace(**VARIANTS[name][1])
-    return config if config.lr_schedule == "cosine" else config.replace(iterations=100 * nominal)
+    base = load_preset(f"maml-omniglot-{ways}w1s").replace(
+        algorithm={"inner_lr": 0.4, **STEPS}, data={"meta_batch": 16},
+        trainer={"iterations": nominal, "epoch_length": nominal // 50, "time_budget": budget, "budget_clock": "cpu",
+                 "eval_every": nominal // 4, "eval_episodes": 100, "checkpoint_every": 50, "log_every": 25})
+    raw = base.to_dict()
+    for section, changes in VARIANTS[name][1].items():
+        raw[section] = dict(changes) if "name" in changes else {**raw[section], **changes}
+    config = RunConfig.from_dict(raw)
+    cosine = config.trainer.lr_schedule == "cosine"
+    return config if cosine else config.replace(trainer={"iterations": 100 * nominal})
 
 
 def run_variant(name: str, ways: int, budget: float, root: Path) -> None:
@@ -99,7 +111,7 @@ def report(ways: int, names: list[str], root: Path, title: str) -> str:
         result = run.evaluation["result"]
         last = run.records[-1]
         cpu_s = last["time/train_cpu_s"]
-        tasks = run.iterations * run.config["meta_batch"]
+        tasks = run.iterations * run.config.data.options.meta_batch
         lines.append(f"| {VARIANTS[run.name][0]} | {100 * result['mean']:.2f}% ± {100 * result['ci95']:.2f}% | "
                      f"{result['protocol']['inner_steps']} | {result['protocol']['bn_policy']} | {run.iterations} | "
                      f"{cpu_s / 60:.1f} | {tasks / cpu_s:.1f} |")

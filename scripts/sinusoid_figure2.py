@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from metaopt.algorithms import MAML
-from metaopt.baselines import pretrain
-from metaopt.config import load_preset
 from metaopt.datasets import Sinusoid
 from metaopt.evaluation import evaluate
-from metaopt.experiment import build_experiment, split_seed, train
+from metaopt.evaluation.pretrained import pretrain
 from metaopt.models import MLP
+from metaopt.problems.sampling import split_seed
+from metaopt.training.config import load_preset
+from metaopt.training.experiment import build_experiment, train
 
 FINE_TUNE_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
@@ -36,14 +37,15 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for shots in (5, 10):
-        config = load_preset(f"maml-sinusoid-{shots}shot").replace(iterations=args.iterations)
+        config = load_preset(f"maml-sinusoid-{shots}shot").replace(trainer={"iterations": args.iterations})
         run_dir = args.out / f"maml-{shots}shot"
         train(config, run_dir, resume=(run_dir / "last.pt").exists())
-        maml = build_experiment(config).algorithm
+        maml = build_experiment(config).learner
         maml.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
         torch.manual_seed(config.seed)
-        baseline = MLP(1, 1, hidden=config.hidden)
-        pretrain(baseline, Sinusoid(shots, config.query, config.meta_batch, split_seed(config.seed, "train")),
+        baseline = MLP(1, 1, hidden=config.model.options.hidden)
+        data = config.data.options
+        pretrain(baseline, Sinusoid(shots, data.query, data.meta_batch, split_seed(config.seed, "train")),
                  args.iterations)
         tasks = {split: Sinusoid(shots, 100, 25, split_seed(config.seed, split)) for split in ("val", "test")}
         for steps in (1, 10):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaopt.episode import Episode
+from metaopt.engine.learner import Learner
 from metaopt.evaluation import EvalResult
-from metaopt.meta_learner import MetaLearner
+from metaopt.problems.episode import Episode
 
 __all__ = [
     "assert_close_dicts",
@@ -75,7 +75,7 @@ def decode(x: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(c), int(i)) for c, i in x.reshape(-1, 2).tolist()]
 
 
-def meta_grads(learner: MetaLearner, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def meta_grads(learner: Learner, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The meta-loss of ``batch`` and its gradient with respect to every meta-parameter, by name."""
     loss, _ = learner.meta_loss(batch)
     names, params = zip(*learner.named_parameters())
@@ -97,7 +97,7 @@ def assert_episodes_equal(a: Episode, b: Episode) -> None:
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def sinusoid_mse_before_and_after(learner: MetaLearner, iterations: int) -> tuple[EvalResult, EvalResult]:
+def sinusoid_mse_before_and_after(learner: Learner, iterations: int) -> tuple[EvalResult, EvalResult]:
     """Post-adaptation MSE on 200 held-out K=10 sinusoid tasks, untrained and after ``iterations`` meta-updates.
 
     MAML's sinusoid setting (Finn et al. 2017, §5.1): 25 tasks per meta-batch, Adam 1e-3.

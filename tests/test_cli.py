@@ -1,5 +1,5 @@
-"""Tests of metaopt/cli.py, metaopt/experiment.py and scripts/: options, presets, run directories,
-evaluation, and resuming a run killed with SIGKILL."""
+"""Tests of metaopt/cli.py and scripts/: options built from the chosen parts, presets, run directories,
+evaluation, learned-optimizer runs, and resuming a run killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaopt.checkpoint import load_checkpoint
 from metaopt.cli import main
-from metaopt.config import ExperimentConfig
-from metaopt.experiment import build_experiment, default_run_dir, split_seed
-from metaopt.logging import read_metrics
+from metaopt.problems.sampling import split_seed
+from metaopt.registry import entry, load_plugins, names
+from metaopt.training.checkpoint import load_checkpoint
+from metaopt.training.config import RunConfig, TrainerConfig, load_preset
+from metaopt.training.experiment import build_experiment, default_run_dir
+from metaopt.training.logging import read_metrics
 
+load_plugins()
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TINY = ["--iterations", "6", "--hidden", "8", "--meta-batch", "4", "--shots", "5", "--eval-every", "3",
         "--eval-episodes", "20", "--log-every", "3", "--checkpoint-every", "3"]
@@ -57,23 +60,88 @@ def test_bad_command_lines_exit_with_a_hint(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_every_config_field_is_an_option(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    text = capsys.readouterr().out
-    for name in ExperimentConfig.field_names():
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_parts_by_name_and_the_trainer_options(capsys):
+    text = _help(capsys)
+    for kind in ("algorithm", "dataset", "model"):
+        for name in names(kind):
+            assert f"  {name} " in text and entry(kind, name).summary[:30] in text
+    for name in TrainerConfig.field_names():
         assert "--" + name.replace("_", "-") in text
-    assert "--no-first-order" in text and "maml-sinusoid-10shot" in text
+    assert "maml-sinusoid-10shot" in text and "--algorithm NAME --help" in text
+    assert "--inner-lr" not in text  # the parts' options are listed when a part is named
+
+
+@pytest.mark.parametrize("algorithm", names("algorithm"))
+def test_algorithm_help_lists_every_option_of_the_algorithm(capsys, algorithm):
+    text = _help(capsys, "--algorithm", algorithm)
+    assert f"options of algorithm {algorithm!r}" in text
+    for name in entry("algorithm", algorithm).options.field_names():
+        if name != "transfer":
+            assert "--" + name.replace("_", "-") in text, name
+
+
+def test_preset_help_lists_the_options_of_its_parts(capsys):
+    text = _help(capsys, "--preset", "maml-omniglot-5w1s")
+    assert "options of algorithm 'maml'" in text and "options of dataset 'omniglot'" in text
+    assert "options of model 'conv4'" in text and "--no-first-order" in text and "--ways" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--preset", "metalstm-omniglot-5w1s", "--inner-lr", "0.1"],
+     "--inner-lr is not an option of algorithm 'metalstm'; its options are --adapt, --inner-steps"),
+    (["--preset", "mtnet-omniglot-5w1s", "--adapt", "head"], "--adapt is not an option of algorithm 'mtnet'"),
+    (["--ways", "5"], "--ways is not an option of dataset 'sinusoid'; its options are --shots, --query"),
+    (["--preset", "l2l-quadratics", "--filters", "8"], "--filters is an option of model conv4, but this run has no"),
+    (["--preset", "maml-omniglot-5w1s", "--no-strided", "--lstm-units", "4"],
+     "--lstm-units is not an option of algorithm 'maml'"),
+])
+def test_an_option_the_chosen_part_does_not_take_is_an_error_naming_what_it_takes(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_optbench_points_to_the_train_and_eval_commands(capsys):
+    assert main(["optbench", "--preset", "l2l-quadratics"]) == 2
+    assert "metaopt train --preset l2l-quadratics" in capsys.readouterr().err
+
+
+def test_options_that_do_nothing_for_the_algorithm_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--algorithm", "metasgd", "--init-lr", "0.1", "--run-dir", str(run)]) == 2
+    assert "option 'init_lr' is the starting step size of init='constant'" in capsys.readouterr().err
+    assert main(["train", "--first-order", "--checkpoint-steps", "--run-dir", str(run)]) == 2
+    assert "it does nothing with first_order=True" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_a_part_can_be_swapped_for_another(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--algorithm", "metasgd", "--init", "constant", "--init-lr", "0.01",
+                 "--run-dir", str(run)]) == 0
+    config = RunConfig.from_json(run / "config.json")
+    assert (config.algorithm.name, config.algorithm.options.init_lr, config.data.name) == ("metasgd", 0.01, "sinusoid")
 
 
 def test_bad_values_and_presets_are_reported_before_anything_is_written(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--meta-lr", "-1", "--run-dir", str(run)]) == 2
-    assert "config field 'meta_lr' must be > 0, got -1.0" in capsys.readouterr().err
+    assert "option 'meta_lr' must be > 0, got -1.0" in capsys.readouterr().err
     assert main(["train", "--preset", "maml-sinusoid-10shots", "--run-dir", str(run)]) == 2
     assert "unknown preset 'maml-sinusoid-10shots' (did you mean 'maml-sinusoid-10shot'?)" in capsys.readouterr().err
     assert main(["train", *TINY, "--dataset", "sinusiod", "--run-dir", str(run)]) == 2
-    assert "config field 'dataset': unknown dataset 'sinusiod'; did you mean 'sinusoid'?" in capsys.readouterr().err
+    assert "unknown dataset 'sinusiod' (did you mean 'sinusoid'?)" in capsys.readouterr().err
+    assert main(["train", "--algorithm", "maml", "--dataset", "quadratics", "--run-dir", str(run)]) == 2
+    assert "algorithm 'maml' meta-learns from episodes, but dataset 'quadratics' gives optimizees" in \
+        capsys.readouterr().err
     assert not run.exists()
 
 
@@ -87,9 +155,10 @@ def test_preset_with_overrides_writes_a_full_run(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     config = json.loads((run / "config.json").read_text())
-    assert config["inner_lr"] == 0.02 and config["first_order"] is True and config["eval_inner_steps"] is None
-    assert config["hidden"] == [8] and config["grad_clip"] == 10.0 and config["iterations"] == 6
-    assert config["meta_lr"] == 0.001 and config["bn_policy"] == "batch"  # from the preset / recorded
+    algorithm, trainer = config["algorithm"], config["trainer"]
+    assert algorithm["inner_lr"] == 0.02 and algorithm["first_order"] is True and algorithm["eval_inner_steps"] is None
+    assert config["model"]["hidden"] == [8] and trainer["grad_clip"] == 10.0 and trainer["iterations"] == 6
+    assert trainer["meta_lr"] == 0.001 and algorithm["bn_policy"] == "batch"  # from the preset / recorded
     assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "final.json"} <= {p.name for p in run.iterdir()}
     final = json.loads((run / "final.json").read_text())
     assert final["split"] == "test" and final["checkpoint"] == "best.pt"
@@ -101,11 +170,11 @@ def test_preset_with_overrides_writes_a_full_run(tmp_path, capsys):
 
 def test_config_file_as_the_starting_point(tmp_path):
     path = tmp_path / "my.json"
-    path.write_text(ExperimentConfig(inner_lr=0.03, seed=4).to_json())
+    path.write_text(load_preset("maml-sinusoid-10shot").replace(algorithm={"inner_lr": 0.03}, seed=4).to_json())
     run = tmp_path / "run"
     assert main(["train", "--config", str(path), *TINY, "--run-dir", str(run)]) == 0
-    config = ExperimentConfig.from_json(run / "config.json")
-    assert (config.inner_lr, config.seed, config.iterations) == (0.03, 4, 6)
+    config = RunConfig.from_json(run / "config.json")
+    assert (config.algorithm.options.inner_lr, config.seed, config.trainer.iterations) == (0.03, 4, 6)
 
 
 def test_default_run_dir_is_readable_and_fresh(tmp_path, monkeypatch):
@@ -114,9 +183,10 @@ def test_default_run_dir_is_readable_and_fresh(tmp_path, monkeypatch):
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("fomaml-sinusoid-5shot-")
     assert (run / "final.json").exists()
-    again = default_run_dir(ExperimentConfig(shots=5, first_order=True))
+    again = default_run_dir(load_preset("fomaml-sinusoid-10shot").replace(data={"shots": 5}))
     assert again != run.relative_to(tmp_path) and again.parent == Path("runs")
-    assert default_run_dir(ExperimentConfig(ways=5, shots=1), root="r").name.startswith("maml-sinusoid-5w1s-")
+    assert default_run_dir(load_preset("maml-omniglot-5w1s"), root="r").name.startswith("maml-omniglot-5w1s-")
+    assert default_run_dir(load_preset("l2l-quadratics")).name.startswith("l2l-quadratics-")
 
 
 def test_eval_prints_and_writes_the_result(finished_run, capsys):
@@ -148,7 +218,7 @@ def test_a_run_that_diverges_stops_with_a_clear_error(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--inner-lr", "1e30", "--max-nonfinite", "2", "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err
-    assert "NaN or infinite for 2 meta-batches in a row (iterations 1..2)" in err
+    assert "NaN or infinite for 2 meta-updates in a row (iterations 1..2)" in err
     assert f"{run / 'last.pt'} (iteration 0), is intact" in err
 
 
@@ -164,7 +234,10 @@ def test_resume_keeps_the_config_but_may_extend_the_run(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--iterations", "9"]) == 0
     assert json.loads((run / "final.json").read_text())["train"]["iteration"] == 9
     assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 9
-    assert json.loads((run / "config.json").read_text())["iterations"] == 9
+    assert json.loads((run / "config.json").read_text())["trainer"]["iterations"] == 9
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(run), "--algorithm", "metasgd"])
+    assert "--algorithm cannot change" in capsys.readouterr().err
 
 
 def test_a_time_budget_stops_the_run_early_and_still_scores_it(tmp_path):
@@ -201,10 +274,26 @@ def test_scripts_call_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_splits_have_distinct_seeds():
-    experiment = build_experiment(ExperimentConfig(seed=5, hidden=(8,), meta_batch=2))
-    seeds = [experiment.tasks(split).seed for split in ("train", "val", "test")]
+    config = load_preset("maml-sinusoid-10shot").replace(seed=5, model={"hidden": [8]}, data={"meta_batch": 2})
+    experiment = build_experiment(config)
+    seeds = [experiment.problems(split).seed for split in ("train", "val", "test")]
     assert seeds == [15, 16, 17] == [split_seed(5, s) for s in ("train", "val", "test")]
-    assert not torch.equal(experiment.train_tasks.batch(0).query_y, experiment.test_tasks.batch(0).query_y)
+    assert not torch.equal(experiment.problems("train").batch(0).query_y, experiment.problems("test").batch(0).query_y)
+
+
+def test_a_learned_optimizer_run_is_scored_against_tuned_baselines(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = ["--iterations", "10", "--eval-every", "5", "--eval-episodes", "1", "--test-episodes", "3",
+            "--horizon", "10", "--truncation", "5", "--batch", "8"]
+    assert main(["train", "--preset", "l2l-quadratics", *tiny, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    final = json.loads((run / "final.json").read_text())
+    assert final["summary"].startswith("loss ") and "episodes=3" in final["summary"]
+    assert final["baselines"]["table"] in out and "| learned optimizer | - |" in out and "| Adam |" in out
+    assert (run / "baselines.png").stat().st_size > 0
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r] == [5, 10]
+    assert main(["eval", "--run", str(run), "--episodes", "2"]) == 0
+    assert "2 test problems, 10-step horizon" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ SIGKILL and resume
@@ -258,7 +347,7 @@ def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--run-dir", str(run)]) == 0
     stored = json.loads((run / "config.json").read_text())
-    del stored["checkpoint_steps"]  # as written by a version without that field
+    del stored["algorithm"]["checkpoint_steps"]  # as written by a version without that option
     (run / "config.json").write_text(json.dumps(stored))
     assert main(["train", "--resume", str(run), "--iterations", "8"]) == 0
     assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 8
@@ -266,7 +355,8 @@ def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
 
 def test_bench_passes_its_options_to_the_benchmark(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr("metaopt.cli.run_benchmark", lambda **kwargs: calls.append(kwargs) or kwargs["write"]("| t |"))
+    monkeypatch.setattr("metaopt.bench.report.run_benchmark",
+                        lambda **kwargs: calls.append(kwargs) or kwargs["write"]("| t |"))
     assert main(["bench", "--tasks", "4", "--repeats", "2", "--threads", "1", "--quick"]) == 0
     assert {k: v for k, v in calls[0].items() if k != "write"} == {"tasks": 4, "repeats": 2, "threads": 1,
                                                                   "quick": True, "sweep_tasks": 4}

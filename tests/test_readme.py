@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from metaopt import registry
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples write a run directory
+    registry.load_plugins()
+    monkeypatch.setattr(registry, "_TABLES", {kind: dict(table) for kind, table in registry._TABLES.items()})
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2, "the README lost its Python examples"
     namespace: dict = {}
@@ -17,3 +21,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
     assert namespace["logits"].shape == (75, 5)
     assert namespace["loss"].requires_grad and set(namespace["metrics"]) == {"loss", "accuracy"}
     assert namespace["summary"]["iteration"] == 2 and (tmp_path / "runs" / "quickstart" / "last.pt").exists()
+    assert type(namespace["mine"]).__name__ == "MetaLearner" and namespace["mine"].rule.lr == 0.01
+    assert (tmp_path / "runs" / "l2l-quickstart" / "best.pt").exists()

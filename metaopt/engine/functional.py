@@ -14,12 +14,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Params", "grads", "model_call", "named_params", "select"]
+__all__ = ["Params", "grads", "map_tensors", "model_call", "named_params", "select"]
 
 Params = dict[str, torch.Tensor]
 
@@ -40,18 +41,31 @@ def select(params: Params, names: Iterable[str]) -> Params:
     return {k: v for k, v in params.items() if k in keep}
 
 
-def grads(loss: torch.Tensor, params: Params, create_graph: bool) -> Params:
+def grads(loss: torch.Tensor, params: Params, create_graph: bool, retain_graph: bool | None = None) -> Params:
     """Gradients of a scalar ``loss`` with respect to every tensor in ``params``.
 
     ``create_graph=True`` keeps the graph of the gradient computation (second-order
-    meta-gradients); ``False`` treats the gradients as constants (first-order).
+    meta-gradients); ``False`` treats the gradients as constants (first-order). ``retain_graph``
+    keeps the graph of ``loss`` for a later backward pass through it (default: ``create_graph``).
 
     Raises:
         ValueError: a parameter received no gradient, naming it and the fix.
     """
-    values = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+    values = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, retain_graph=retain_graph,
+                                 allow_unused=True)
     for name, g in zip(params, values):
         if g is None:
             raise ValueError(f"parameter {name!r} received no gradient from the inner loss; leave it out of the "
                              "adapted set (adapt=...) or make the loss depend on it")
     return dict(zip(params, values))
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """``tree`` (tensors in lists, tuples and dicts, e.g. a rule's state) with ``fn`` applied to every tensor."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(fn, x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    return tree

@@ -1,81 +1,58 @@
-"""The unrolled inner loop and the strategies that batch it over the tasks of a meta-batch.
+"""The unrolled inner loop: K functional steps of an update rule on a problem, and their outer score.
 
-For one task, starting from θ_0 the loop takes K steps of an update rule on the support loss,
+For one problem, starting from θ_start the loop takes K steps of an update rule on the inner loss,
 
-    θ_{t+1}, s_{t+1} = rule.step(θ_t, ∇ L_in(θ_t), s_t, t)        t = 0..K-1
+    θ_{t+1}, s_{t+1} = rule.step(θ_t, ∇ L_in(θ_t), s_t, StepInfo(t, L_in(θ_t)))     t = start..start+K-1
 
-and scores the outer objective Σ_t w_t · L_out(θ_t) on the query set (MAML: ``w`` = last step
-only; Finn et al. 2017, Algorithm 2). Only the parameters named in ``adapted`` move; the others
-are used as they are (ANIL adapts the head only). ``first_order`` treats the inner gradients
-as constants; it is the only difference between MAML and first-order MAML.
+and :meth:`InnerLoop.score` weighs the outer losses of the parameters it produced,
+Σ_t w_t · L_out(θ_t) (MAML: ``w`` = last step only, Finn et al. 2017, Algorithm 2; a learned
+optimizer: every step, Andrychowicz et al. 2016, §2). Only the parameters named in ``adapted``
+move; the others are used as they are (ANIL adapts the head only). ``first_order`` treats the inner
+gradients as constants; it is the only difference between MAML and first-order MAML, and the
+Andrychowicz et al. optimizer's choice. A truncated unroll starts at ``start`` from a carried rule
+state and continues where the previous truncation stopped.
 
-Two strategies run a meta-batch of ``T`` tasks and agree to rounding error:
-
-* ``"loop"``: one task after another with :func:`torch.autograd.grad` (fastest on CPU);
-* ``"vmap"``: one batched inner loop through :func:`torch.func.vmap` and :func:`torch.func.grad`
-  (few, large kernels: the GPU path).
-
-``"auto"`` picks ``loop`` on CPU and ``vmap`` on CUDA.
+Gradients are taken in one of three ways: with :func:`torch.autograd.grad` (differentiable,
+second order unless ``first_order``), detached under :func:`torch.no_grad` (evaluation: each
+step's memory is freed at once), or with :func:`torch.func.grad_and_value` (``functional=True``,
+inside ``vmap``). Batching the tasks of a meta-batch is :mod:`metaopt.engine.batching`'s job.
 
 Second-order memory grows with ``K``: every step keeps the activations of its inner forward and
 backward pass for the meta-backward. With ``checkpoint_steps`` each step keeps only the parameters
-(and rule state) it starts from and recomputes its inner loss, gradients and update when the
-meta-backward reaches it (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant), so memory is
-that of one step plus ``K`` copies of the adapted parameters. The meta-gradients are the same
-(recomputation repeats the same operations); each step costs two more inner forward passes and
-one more inner backward pass (torch recomputes the forward once when the step takes its inner
-gradient, and the whole step in the meta-backward).
+and rule state it starts from and is recomputed when the meta-backward reaches it
+(:mod:`metaopt.engine.recompute`): same meta-gradients, memory of one step.
 
 Example:
     >>> import torch
-    >>> from metaopt.rules import sgd
+    >>> from metaopt.engine.rules import sgd
+    >>> from metaopt.problems.episode import EpisodeTask, default_loss
     >>> model = torch.nn.Linear(1, 1)
-    >>> loop = InnerLoop(model, sgd(0.1), torch.nn.functional.mse_loss)
-    >>> x = torch.randn(3, 10, 1)
-    >>> out = loop.run_tasks(dict(model.named_parameters()), x, 2 * x, x, 2 * x, steps=1, strategy="loop")
-    >>> out.losses.shape
-    torch.Size([3])
+    >>> x = torch.randn(10, 1)
+    >>> task = EpisodeTask(model, default_loss, x, 2 * x, x, 2 * x)
+    >>> loop = InnerLoop(sgd(0.1))
+    >>> trajectory = loop.unroll(task, dict(model.named_parameters()), steps=3)
+    >>> len(trajectory.params), loop.score(task, trajectory, resolve_weights(3, None), track=False).loss.shape
+    (4, torch.Size([]))
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from metaopt.batchnorm import composite_batch_norm, inner_step, query_pass
-from metaopt.functional import Params, grads, model_call, select
-from metaopt.rules import UpdateRule
+from metaopt.engine.functional import Params, grads, select
+from metaopt.engine.recompute import recomputed
+from metaopt.engine.rules import StepInfo, UpdateRule
+from metaopt.engine.step_context import inner_step, outer_pass
+from metaopt.problems.problem import Problem
 
-__all__ = ["STRATEGIES", "InnerLoop", "LossFn", "TaskInit", "TaskOutputs", "resolve_strategy", "resolve_weights",
-           "score_path", "stack_tasks"]
+__all__ = ["InnerLoop", "Score", "Trajectory", "resolve_weights"]
 
-STRATEGIES = ("auto", "loop", "vmap")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``(θ_0, support_x, support_y) -> (θ_0 of this task, extra outer loss)``: a per-task initialisation (ARML).
-TaskInit = Callable[[Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]
-_GradFn = Callable[[Params, Params, torch.Tensor, torch.Tensor], tuple[Params, torch.Tensor]]  # gradients, loss
-
-
-def resolve_strategy(strategy: str, device: torch.device, checkpoint_steps: bool = False) -> str:
-    """Map ``"auto"`` to ``"vmap"`` on CUDA and ``"loop"`` elsewhere; check the name.
-
-    With ``checkpoint_steps`` (recomputed inner steps, see :class:`InnerLoop`) ``"auto"`` is
-    ``"loop"`` everywhere and ``"vmap"`` is an error.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown task-batching strategy {strategy!r}; choose one of {STRATEGIES}")
-    if checkpoint_steps and strategy == "vmap":
-        raise ValueError("checkpoint_steps needs strategy='loop' (or 'auto'): torch.func transforms (vmap, grad) "
-                         "do not support the saved-tensor hooks that recomputing the inner steps relies on")
-    if strategy == "auto":
-        return "vmap" if device.type == "cuda" and not checkpoint_steps else "loop"
-    return strategy
+_GradFn = Callable[[Problem, Params, Params, int], tuple[Params, torch.Tensor]]  # gradients, inner loss
 
 
 def resolve_weights(steps: int, weights: Sequence[float] | None) -> list[float]:
@@ -86,233 +63,142 @@ def resolve_weights(steps: int, weights: Sequence[float] | None) -> list[float]:
     return weights
 
 
-def score_path(model: nn.Module, loss_fn: LossFn, path: Sequence[Params], query_x: torch.Tensor,
-               query_y: torch.Tensor, weights: Sequence[float], track: bool) -> tuple[torch.Tensor, ...]:
-    """Score the parameters θ_0..θ_K of one task's inner loop on its query set.
+@dataclass(frozen=True)
+class Trajectory:
+    """The parameters an unroll went through and what it carries on.
 
-    Returns:
-        The weighted outer loss Σ_t w_t L_out(θ_t) (differentiable), the detached query losses
-        after steps 0..K (empty unless ``track``) and the detached query accuracy at θ_K (zero
-        for regression).
-    """
-    steps = len(path) - 1
-    loss = query_x.new_zeros(())
-    step_losses = []
-    for t, theta in enumerate(path):
-        w = weights[t - 1] if t > 0 else 0.0
-        if not (w or track or t == steps):
-            continue
-        with inner_step(max(t - 1, 0)), query_pass():  # the query pass on θ_t belongs to the step that produced it
-            out = model_call(model, theta, query_x)
-        step_loss = loss_fn(out, query_y)
-        if w:
-            loss = loss + w * step_loss
-        step_losses.append(step_loss.detach())
-    accuracy = (out.argmax(-1) == query_y).float().mean() if not query_y.is_floating_point() else loss.new_zeros(())
-    tracked = torch.stack(step_losses) if track else loss.new_zeros(0)
-    return loss, tracked, accuracy.detach()
-
-
-def stack_tasks(per_task: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """Stack the per-task results of :func:`score_path` along a leading task dimension."""
-    return tuple(torch.stack(parts) for parts in zip(*per_task))
-
-
-class _ModuleState:
-    """Re-enterable context that puts ``model`` back as it was at construction: training flags and buffers.
-
-    A checkpointed step is recomputed during the meta-backward, usually after the batch-norm
-    policy of the forward pass (:func:`metaopt.batchnorm.batchnorm_policy`) has been exited.
-    Inside this context the recomputation sees the modules as the forward did (train/eval mode,
-    running statistics or their absence), so it repeats the same operations and leaves the
-    model's buffers alone. Torch may enter it more than once (a gradient taken inside the step
-    recomputes it during the forward pass too).
+    Attributes:
+        params: θ_start, ..., θ_{start+K}, each the full parameter dict.
+        state: the rule's state after the last step.
+        start: the step index of ``params[0]``.
+        inner_losses: ``L_in(θ_t)`` for ``t = start..start+K-1`` with their graphs, kept only
+            for problems whose outer loss is their inner loss (empty otherwise).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._saved = self._state(model)
-        self._outer: list[list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]] = []
+    params: list[Params]
+    state: Any
+    start: int
+    inner_losses: list[torch.Tensor]
 
-    @staticmethod
-    def _state(model: nn.Module) -> list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]:
-        return [(m, m.training, dict(m._buffers)) for m in model.modules()]
-
-    @staticmethod
-    def _apply(state: list[tuple[nn.Module, bool, dict[str, torch.Tensor | None]]]) -> None:
-        for module, training, buffers in state:
-            module.training = training
-            module._buffers.update(buffers)
-
-    def __enter__(self) -> None:
-        self._outer.append(self._state(self._saved[0][0]))
-        self._apply(self._saved)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._apply(self._outer.pop())
-
-
-def _recomputed(model: nn.Module, step: Callable[..., Any], *args: Any) -> Any:
-    """``step(*args)`` keeping only its inputs and outputs; the rest is recomputed in the backward pass."""
-    state = _ModuleState(model)
-    return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False,
-                                             context_fn=lambda: (contextlib.nullcontext(), state))
+    @property
+    def end(self) -> int:
+        """The step index of the last parameters, ``start + K``."""
+        return self.start + len(self.params) - 1
 
 
 @dataclass(frozen=True)
-class TaskOutputs:
-    """Per-task results of a batched inner loop (leading dimension ``T``).
+class Score:
+    """The outer score of a trajectory.
 
     Attributes:
-        losses: weighted outer loss Σ_t w_t L_out(θ_t) of each task (differentiable).
-        step_losses: query loss after each inner step ``0..K`` (``[T, K + 1]``, detached), or
-            ``None`` when not tracked.
-        accuracy: query accuracy after the last step (classification), else ``None``.
+        loss: Σ_t w_t L_out(θ_t) (differentiable).
+        step_losses: ``L_out(θ_t)`` for every ``t`` of the trajectory (detached), or empty unless tracked.
+        accuracy: the accuracy of the last parameters (detached), for problems that have one.
     """
 
-    losses: torch.Tensor
-    step_losses: torch.Tensor | None
+    loss: torch.Tensor
+    step_losses: torch.Tensor
     accuracy: torch.Tensor | None
 
 
 class InnerLoop:
-    """K functional steps of ``rule`` on the support loss of ``model``, for one task or a batch.
+    """K functional steps of ``rule`` on a problem's inner loss (see the module docs).
 
     Args:
-        model: the network; run with :func:`torch.func.functional_call`, never mutated.
         rule: the update rule (owns its meta-parameters).
-        loss_fn: ``loss_fn(prediction, target) -> scalar``, used for inner and outer loss.
-        adapted: names of the parameters the inner loop updates (default: all of ``params``).
+        adapted: names of the parameters the rule updates (default: all it is given).
         first_order: treat inner gradients as constants (first-order meta-gradients).
-        checkpoint_steps: recompute each second-order inner step during the meta-backward instead
-            of storing its activations (memory of one step instead of ``K``; same meta-gradients,
-            more time). Needs the ``"loop"`` strategy (``"auto"`` then means ``"loop"``).
-            First-order steps store no activations, so it has no effect on them. A forward pass
-            that writes to the model's buffers (batch norm in training mode with running
-            statistics, outside :func:`metaopt.batchnorm.batchnorm_policy`) writes again when
-            recomputed.
-
-    Attributes:
-        task_init: ``None``, or a :data:`TaskInit` that turns the shared θ_0 into each task's
-            starting point from its support set and adds a term to its outer loss (ARML's
-            gated initialisation); it runs inside the vmapped function, so per task.
-        task_context: ``None``, or a factory of a context manager that each task runs inside
-            (:func:`metaopt.batchnorm.episode_statistics` for the ``"support"`` batch-norm policy).
+        checkpoint_steps: recompute each second-order step during the meta-backward instead of
+            storing its activations; needs ``model`` (whose modes and buffers the recomputation
+            must see as the forward pass did) and cannot run under ``vmap``.
+        model: the network the problems run, for ``checkpoint_steps``.
     """
 
-    def __init__(self, model: nn.Module, rule: UpdateRule, loss_fn: LossFn, adapted: Sequence[str] | None = None,
-                 first_order: bool = False, checkpoint_steps: bool = False) -> None:
-        self.model = model
+    def __init__(self, rule: UpdateRule, adapted: Sequence[str] | None = None, first_order: bool = False,
+                 checkpoint_steps: bool = False, model: nn.Module | None = None) -> None:
+        if checkpoint_steps and model is None:
+            raise ValueError("checkpoint_steps needs the model, whose state each recomputed step must see")
         self.rule = rule
-        self.loss_fn = loss_fn
         self.adapted = None if adapted is None else tuple(adapted)
         self.first_order = first_order
         self.checkpoint_steps = checkpoint_steps
-        self.task_init: TaskInit | None = None
-        self.task_context: Callable[[], contextlib.AbstractContextManager] | None = None
+        self.model = model
 
     def _split(self, params: Params) -> tuple[Params, Params]:
         fast = params if self.adapted is None else select(params, self.adapted)
         return fast, {k: v for k, v in params.items() if k not in fast}
 
-    def adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[Params]:
-        """Run ``steps`` inner steps on ``(x, y)`` for one task; the full parameters at steps 0..K.
+    def unroll(self, problem: Problem, params: Params, steps: int, start: int = 0, state: Any = None,
+               functional: bool = False) -> Trajectory:
+        """Take ``steps`` steps on ``problem`` from ``params`` at step ``start`` (and the rule ``state``, if carried).
 
-        With gradients enabled the result is differentiable with respect to the meta-parameters
-        (to second order unless ``first_order``), and each step is recomputed in the
-        meta-backward if ``checkpoint_steps``. Under :func:`torch.no_grad` it is detached and
-        each step's memory is freed at once (evaluation).
+        With gradients enabled the result is differentiable with respect to ``params`` and the
+        rule's meta-parameters; under :func:`torch.no_grad` it is detached. ``functional`` takes
+        gradients with :func:`torch.func.grad_and_value` (inside ``vmap``).
         """
-        if torch.is_grad_enabled():
-            recompute = self.checkpoint_steps and not self.first_order
-            return self._unroll(params, x, y, steps, self._autograd_grads, recompute)
-        return self._unroll({k: v.detach() for k, v in params.items()}, x, y, steps, self._detached_grads)
-
-    def _unroll(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, grad_fn: _GradFn,
-                recompute: bool = False) -> list[Params]:
+        recompute = False
+        if functional:
+            grad_fn = self._func_grads
+        elif torch.is_grad_enabled():
+            grad_fn, recompute = self._autograd_grads, self.checkpoint_steps and not self.first_order
+        else:
+            grad_fn, params = self._detached_grads, {k: v.detach() for k, v in params.items()}
         fast, fixed = self._split(params)
-        state = self.rule.init(fast)
-        path = [params]
-        for t in range(steps):
+        state = self.rule.init(fast) if state is None else state
+        path, losses = [params], []
+        for t in range(start, start + steps):
             if recompute:
-                fast, state = _recomputed(self.model, self._step, fast, fixed, state, t, x, y, grad_fn)
+                fast, state, loss = recomputed(self.model, self._step, problem, fast, fixed, state, t, grad_fn)
             else:
-                fast, state = self._step(fast, fixed, state, t, x, y, grad_fn)
+                fast, state, loss = self._step(problem, fast, fixed, state, t, grad_fn)
             path.append({**fixed, **fast})
-        return path
+            if problem.outer_is_inner:
+                losses.append(loss)
+        return Trajectory(path, state, start, losses)
 
-    def _step(self, fast: Params, fixed: Params, state: Any, t: int, x: torch.Tensor, y: torch.Tensor,
-              grad_fn: _GradFn) -> tuple[Params, Any]:
+    def _step(self, problem: Problem, fast: Params, fixed: Params, state: Any, t: int,
+              grad_fn: _GradFn) -> tuple[Params, Any, torch.Tensor]:
         with inner_step(t):
-            gradients, loss = grad_fn(fast, fixed, x, y)
-        if self.rule.needs_loss:
-            return self.rule.step(fast, gradients, state, t, loss=loss.detach())
-        return self.rule.step(fast, gradients, state, t)
+            gradients, loss = grad_fn(problem, fast, fixed, t)
+        fast, state = self.rule.step(fast, gradients, state, StepInfo(t, loss.detach()))
+        return fast, state, loss
 
-    def _inner_loss(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(model_call(self.model, {**fixed, **fast}, x), y)
+    def _autograd_grads(self, problem: Problem, fast: Params, fixed: Params, t: int) -> tuple[Params, torch.Tensor]:
+        loss = problem.inner_loss({**fixed, **fast}, t)
+        return grads(loss, fast, create_graph=not self.first_order, retain_graph=problem.outer_is_inner or None), loss
 
-    def _autograd_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
-                        ) -> tuple[Params, torch.Tensor]:
-        loss = self._inner_loss(fast, fixed, x, y)
-        return grads(loss, fast, create_graph=not self.first_order), loss
-
-    def _detached_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
-                        ) -> tuple[Params, torch.Tensor]:
+    def _detached_grads(self, problem: Problem, fast: Params, fixed: Params, t: int) -> tuple[Params, torch.Tensor]:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            loss = self._inner_loss(leaves, fixed, x, y)
+            loss = problem.inner_loss({**fixed, **leaves}, t)
             return grads(loss, leaves, create_graph=False), loss.detach()
 
-    def _func_grads(self, fast: Params, fixed: Params, x: torch.Tensor, y: torch.Tensor,
-                    ) -> tuple[Params, torch.Tensor]:
-        g, loss = torch.func.grad_and_value(lambda p: self._inner_loss(p, fixed, x, y))(fast)
+    def _func_grads(self, problem: Problem, fast: Params, fixed: Params, t: int) -> tuple[Params, torch.Tensor]:
+        g, loss = torch.func.grad_and_value(lambda p: problem.inner_loss({**fixed, **p}, t))(fast)
         return ({k: v.detach() for k, v in g.items()} if self.first_order else g), loss
 
-    def task_outputs(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                     query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
-                     track: bool, grad_fn: _GradFn | None = None) -> tuple[torch.Tensor, ...]:
-        """Outer loss, per-step query losses and accuracy of one task (tensors, vmap-friendly)."""
-        with self.task_context() if self.task_context is not None else contextlib.nullcontext():
-            return self._task_outputs(params, support_x, support_y, query_x, query_y, steps, weights, track,
-                                      grad_fn)
+    @staticmethod
+    def score(problem: Problem, trajectory: Trajectory, weights: Sequence[float], track: bool) -> Score:
+        """Σ_t w_t L_out(θ_t) over the steps of ``trajectory`` (``weights`` for steps start+1..end).
 
-    def _task_outputs(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                      query_x: torch.Tensor, query_y: torch.Tensor, steps: int, weights: Sequence[float],
-                      track: bool, grad_fn: _GradFn | None) -> tuple[torch.Tensor, ...]:
-        extra = None
-        if self.task_init is not None:
-            params, extra = self.task_init(params, support_x, support_y)
-        if grad_fn is None:
-            path = self.adapt(params, support_x, support_y, steps)
-        else:
-            path = self._unroll(params, support_x, support_y, steps, grad_fn)
-        loss, tracked, accuracy = score_path(self.model, self.loss_fn, path, query_x, query_y, weights, track)
-        return (loss if extra is None else loss + extra), tracked, accuracy
-
-    def run_tasks(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                  query_y: torch.Tensor, steps: int, weights: Sequence[float] | None = None,
-                  strategy: str = "auto", track: bool = False) -> TaskOutputs:
-        """The inner loop on a batch of ``T`` tasks (tensors with a leading task dimension).
-
-        Args:
-            params: initial parameters θ_0, shared by all tasks.
-            steps: number of inner steps K.
-            weights: outer-loss weights of the query loss after steps 1..K (default: last only).
-            strategy: ``"loop"``, ``"vmap"`` or ``"auto"`` (``"vmap"`` is an error with ``checkpoint_steps``).
-            track: also return the query loss after every step (for logging).
+        The outer pass on θ_t belongs to the step that produced it (:func:`inner_step` ``t - 1``).
+        Problems whose outer loss is their inner loss reuse the trajectory's inner losses.
         """
-        weights = resolve_weights(steps, weights)
-        strategy = resolve_strategy(strategy, support_x.device, self.checkpoint_steps)
-        if strategy == "loop":
-            per_task = [self.task_outputs(params, *task, steps, weights, track)
-                        for task in zip(support_x, support_y, query_x, query_y)]
-            loss, tracked, accuracy = stack_tasks(per_task)
-        else:
-            def one_task(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple:
-                return self.task_outputs(params, sx, sy, qx, qy, steps, weights, track, self._func_grads)
-
-            with composite_batch_norm():
-                loss, tracked, accuracy = torch.func.vmap(one_task, randomness="different")(
-                    support_x, support_y, query_x, query_y)
-        classification = not query_y.is_floating_point()
-        return TaskOutputs(loss, tracked if track else None, accuracy if classification else None)
+        start, end = trajectory.start, trajectory.end
+        loss, accuracy = None, None
+        step_losses = []
+        for t, theta in enumerate(trajectory.params, start):
+            w = weights[t - start - 1] if t > start else 0.0
+            if not (w or track or t == end):
+                continue
+            if problem.outer_is_inner and t < end:
+                step_loss = trajectory.inner_losses[t - start]
+            else:
+                with inner_step(max(t - 1, 0)), outer_pass():
+                    step_loss, accuracy = problem.outer_loss(theta, t)
+            if w:
+                loss = w * step_loss if loss is None else loss + w * step_loss
+            step_losses.append(step_loss.detach())
+        loss = step_losses[-1].new_zeros(()) if loss is None else loss
+        tracked = torch.stack(step_losses) if track else loss.new_zeros(0)
+        return Score(loss, tracked, accuracy)

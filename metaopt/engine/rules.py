@@ -1,16 +1,21 @@
-"""Inner-loop update rules: ``init(params) -> state`` and ``step(params, grads, state, t) -> (params, state)``.
+"""Update rules: ``init(params) -> state`` and ``step(params, grads, state, info) -> (params, state)``.
 
 A rule is an :class:`torch.nn.Module` so that it owns its meta-parameters (learned learning
-rates, LSTM weights...): they appear in ``algorithm.parameters()`` and in checkpoints. Rules are
+rates, LSTM weights...): they appear in ``learner.parameters()`` and in checkpoints. Rules are
 pure: ``step`` returns new tensors and never changes its inputs, so the unrolled inner loop is
-differentiable end to end.
+differentiable end to end. ``info`` (:class:`StepInfo`) carries the step index and the inner
+loss, for rules that read them (the Ravi & Larochelle meta-learner reads the loss).
+
+Fixed hyper-parameters are Python numbers, so that they take the parameters' dtype and device
+exactly (a learning rate of 0.3 is 0.3 in float64, not float32's 0.30000001192); learned ones
+are ``nn.Parameter`` s created in the dtype of the parameters they act on.
 
 Example:
     >>> import torch
     >>> rule = sgd(lr=0.5)
     >>> params = {"w": torch.ones(2)}
     >>> state = rule.init(params)
-    >>> new, state = rule.step(params, {"w": torch.ones(2)}, state, t=0)
+    >>> new, state = rule.step(params, {"w": torch.ones(2)}, state, StepInfo(0))
     >>> new["w"]
     tensor([0.5000, 0.5000])
 """
@@ -18,14 +23,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from metaopt.functional import Params
+from metaopt.engine.functional import Params
 
-__all__ = ["HyperParameters", "LearnedRates", "OptimizerFactory", "UpdateRule", "meta_sgd", "per_step_sgd", "sgd"]
+__all__ = ["HyperParameters", "LearnedRates", "OptimizerFactory", "StepInfo", "UpdateRule", "meta_sgd",
+           "per_step_sgd", "sgd"]
 
 #: Builds a ``torch.optim`` optimizer over the parameters it is given (the ``higher`` driver's inner optimizer).
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -34,22 +41,34 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 HyperParameters = Callable[[int], dict[str, list[torch.Tensor]]]
 
 
-class UpdateRule(nn.Module):
-    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, t)``.
+@dataclass(frozen=True)
+class StepInfo:
+    """What an update rule may read besides the parameters, their gradients and its state.
 
-    A rule that also reads the inner loss (the Ravi & Larochelle meta-learner) sets
-    ``needs_loss = True`` and takes it as ``step(..., loss=L_in(θ_t))`` (detached).
+    Attributes:
+        t: the inner step (0 for the first).
+        loss: the inner loss ``L_in(θ_t)`` whose gradients the rule receives (detached), or
+            ``None`` where the caller has none (a ``torch.optim`` step without a closure).
     """
 
-    needs_loss: bool = False
+    t: int
+    loss: torch.Tensor | None = None
+
+
+class UpdateRule(nn.Module):
+    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, info)``."""
 
     def init(self, params: Params) -> Any:
         """The rule's state before the first inner step (stateless rules return ``()``)."""
         del params
         return ()
 
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
+    def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
         raise NotImplementedError
+
+    def logged(self) -> dict[str, float]:
+        """Scalar figures of the rule the trainer logs with every record (tag -> value), e.g. a learned rate."""
+        return {}
 
     def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
         """The same rule as a ``torch.optim`` optimizer, for the ``higher`` driver.
@@ -62,42 +81,47 @@ class UpdateRule(nn.Module):
         Raises:
             NotImplementedError: the rule has no ``torch.optim`` counterpart.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no torch.optim counterpart; use driver='func', or "
-                                  "driver='higher' with inner_optimizer=... instead of a rule")
+        raise NotImplementedError(f"{type(self).__name__} has no torch.optim counterpart; run it with the torch.func "
+                                  "driver, or give the higher driver an inner optimizer (HigherRule(factory))")
 
 
 class _SGD(UpdateRule):
-    def __init__(self, lr: float, learnable: bool) -> None:
+    def __init__(self, lr: float, learnable: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
-        value = torch.tensor(float(lr))
-        if learnable:
-            self.lr = nn.Parameter(value)
-        else:
-            self.register_buffer("lr", value)
+        self.learnable = learnable
+        self.lr: float | nn.Parameter = nn.Parameter(torch.tensor(float(lr), dtype=dtype)) if learnable else float(lr)
 
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        del t
+    def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
+        del info
         return {name: p - self.lr * grads[name] for name, p in params.items()}, state
 
+    def value(self) -> float:
+        """The current learning rate as a number (a learned one read without its graph)."""
+        return self.lr.item() if isinstance(self.lr, torch.Tensor) else self.lr
+
+    def logged(self) -> dict[str, float]:
+        return {"lr/inner": self.value()}
+
     def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
-        learnable = isinstance(self.lr, nn.Parameter)
-        return (lambda params: torch.optim.SGD(params, lr=self.lr.item())), \
-            (lambda t: {"lr": [self.lr]} if learnable else {})
+        return (lambda params: torch.optim.SGD(params, lr=self.value())), \
+            (lambda t: {"lr": [self.lr]} if self.learnable else {})
 
     def extra_repr(self) -> str:
-        return f"lr={self.lr.item():g}, learnable={isinstance(self.lr, nn.Parameter)}"
+        return f"lr={self.value():g}, learnable={self.learnable}"
 
 
-def sgd(lr: float, learnable: bool = False) -> UpdateRule:
+def sgd(lr: float, learnable: bool = False, dtype: torch.dtype | None = None) -> UpdateRule:
     """Plain gradient descent ``θ ← θ - lr · ∇L`` (MAML's inner rule, Finn et al. 2017, §2.2).
 
     Args:
         lr: the inner learning rate (> 0).
         learnable: make ``lr`` a meta-parameter learned in the outer loop (one scalar).
+        dtype: dtype of the learnable ``lr`` (default: torch's default dtype); a fixed ``lr``
+            is a Python float and takes the parameters' dtype.
     """
     if not lr > 0:
         raise ValueError(f"inner learning rate must be > 0, got {lr}")
-    return _SGD(lr, learnable)
+    return _SGD(lr, learnable, dtype)
 
 
 def _key(name: str) -> str:
@@ -135,8 +159,8 @@ class LearnedRates(UpdateRule):
         rates = self.rates[_key(name)]
         return rates[min(t, len(rates) - 1)] if self.per_step else rates
 
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        return {name: p - self.rate(name, t) * grads[name] for name, p in params.items()}, state
+    def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
+        return {name: p - self.rate(name, info.t) * grads[name] for name, p in params.items()}, state
 
     def torch_optimizer(self) -> tuple[OptimizerFactory, HyperParameters]:
         if not self.per_step:

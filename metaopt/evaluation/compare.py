@@ -1,18 +1,19 @@
 """Compare runs side by side: a Markdown table of their results and a chart of their learning curves.
 
-A run directory written by :func:`metaopt.experiment.train` (``metaopt train``) tells what was
-trained (``config.json``: algorithm, first-order or not, dataset, ways, shots), how well it did (``final.json``: the
+A run directory written by :func:`metaopt.training.experiment.train` (``metaopt train``) tells what
+was trained (``config.json``: algorithm, first-order or not, dataset, ways, shots), how well it did (``final.json``: the
 best checkpoint on the test tasks, or else ``eval.json`` from ``metaopt eval``), and how training
 went (``metrics.jsonl``: curves, training time, tasks per second, iterations). The chart has three
 panels: the validation metric (with its 95% interval) against iteration and against training
-time (the wall time of the meta-updates alone, see :mod:`metaopt.trainer`), and the training
+time (the wall time of the meta-updates alone, see :mod:`metaopt.training.clock`), and the training
 loss against iteration.
 
 Example:
     >>> import tempfile
-    >>> from metaopt.config import ExperimentConfig
-    >>> from metaopt.experiment import train
-    >>> config = ExperimentConfig(iterations=4, hidden=(8,), meta_batch=2, eval_every=2, eval_episodes=4)
+    >>> from metaopt.training.config import load_preset
+    >>> from metaopt.training.experiment import train
+    >>> config = load_preset("maml-sinusoid-10shot").replace(trainer={"iterations": 4, "eval_every": 2,
+    ...     "eval_episodes": 4}, data={"meta_batch": 2}, model={"hidden": [8]})
     >>> run = load_run(train(config, tempfile.mkdtemp())["run_dir"])
     >>> run.iterations, run.evaluation_file, run.val_metrics()
     (4, 'final.json', ['val/mse'])
@@ -29,7 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metaopt.logging import METRICS_FILE, read_metrics
+from metaopt.options import ConfigError
+from metaopt.training.config import RunConfig
+from metaopt.training.legacy import read_run_config
+from metaopt.training.logging import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,7 +56,7 @@ class Run:
 
     Args:
         path: the run directory; its name is the run's name.
-        config: the content of ``config.json``.
+        config: the run's config (``config.json``).
         evaluation: the record of ``final.json`` or ``eval.json``: ``result``, ``summary`` (the
             figure ± 95% interval with its protocol), ``split``, ``checkpoint``, ``checkpoint_iteration``.
         evaluation_file: the file ``evaluation`` comes from.
@@ -60,7 +64,7 @@ class Run:
     """
 
     path: Path
-    config: Mapping[str, Any]
+    config: RunConfig
     evaluation: Mapping[str, Any]
     evaluation_file: str
     records: Sequence[Mapping[str, Any]]
@@ -105,7 +109,7 @@ def _require(mapping: Mapping[str, Any], keys: Sequence[str], file: str, run: Pa
     missing = [key for key in keys if key not in mapping]
     if missing:
         raise RunDirError(f"run {run}: {file} lacks {missing}; compare reads run directories written by "
-                          "`metaopt train` (metaopt.experiment.train) with this metaopt version")
+                          "`metaopt train` (metaopt.training.experiment.train) with this metaopt version")
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -122,8 +126,10 @@ def load_run(run_dir: str | Path) -> Run:
         raise RunDirError(f"run {path}: no such directory; pass run directories written by `metaopt train`")
     if not (path / "config.json").is_file():
         raise RunDirError(f"run {path}: config.json is missing; pass a run directory written by `metaopt train`")
-    config = _read_json(path / "config.json", path)
-    _require(config, ("algorithm", "first_order", "dataset", "ways", "shots"), "config.json", path)
+    try:
+        config = read_run_config(path / "config.json")
+    except ConfigError as err:
+        raise RunDirError(f"run {path}: {err}") from err
 
     written = [name for name in RESULT_FILES if (path / name).is_file()]
     if not written:
@@ -171,8 +177,9 @@ def markdown_table(runs: Sequence[Run]) -> str:
         config, evaluation = run.config, run.evaluation
         evaluated = (f"{run.evaluation_file}: {evaluation['split']}, {evaluation['checkpoint']} "
                      f"(iteration {evaluation['checkpoint_iteration']})")
-        algorithm = f"{config['algorithm']}{', first-order' if config['first_order'] else ''}"
-        cells = (run.name, algorithm, config["dataset"], config["ways"], config["shots"],
+        options, data = config.algorithm.options.to_dict(), config.data.options.to_dict()
+        algorithm = f"{config.algorithm.name}{', first-order' if options.get('first_order') else ''}"
+        cells = (run.name, algorithm, config.data.name, data.get("ways"), data.get("shots"),
                  evaluation["summary"], evaluated, _duration(run.train_s), f"{run.tasks_per_s:.0f}", run.iterations)
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)

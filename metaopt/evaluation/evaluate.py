@@ -1,30 +1,31 @@
-"""Meta-test evaluation: mean and 95% confidence interval over held-out tasks, with the protocol.
+"""Evaluation on held-out problems: mean and 95% confidence interval, with the protocol that produced it.
 
-Every reported figure carries its protocol (ways, shots, query size, inner steps, number of
-tasks, batch-norm policy), following the MAML evaluation (cbfinn/maml ``main.py``: 600 tasks,
-interval 1.96 · std / sqrt(n)).
+Every reported figure carries its protocol: what the problems are (ways, shots, query size for
+few-shot tasks; the functions of an optimizee family), the inner steps, the number of problems and
+the learner's settings (the batch-norm policy of few-shot learners), following the MAML
+evaluation (cbfinn/maml ``main.py``: 600 tasks, interval 1.96 · std / sqrt(n)). The problems are
+the first ``episodes`` of the source's seeded stream, so two calls see the same problems.
 
 Example:
-    >>> import torch
     >>> from metaopt.algorithms import MAML
     >>> from metaopt.datasets import Sinusoid
     >>> from metaopt.models import MLP
     >>> result = evaluate(MAML(MLP(1, 1), inner_lr=0.01), Sinusoid(shots=5, batch_size=10, seed=1), episodes=20)
-    >>> result.metric, result.episodes
-    ('mse', 20)
+    >>> result.metric, result.episodes, result.protocol["shots"]
+    ('mse', 20, 5)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
-from metaopt.meta_learner import MetaLearner
-from metaopt.sampling import TaskSampler
+from metaopt.engine.learner import Learner
 
-__all__ = ["EvalResult", "confidence_interval", "evaluate", "protocol_of"]
+__all__ = ["EvalResult", "confidence_interval", "evaluate"]
 
 
 def confidence_interval(values: torch.Tensor) -> float:
@@ -35,7 +36,7 @@ def confidence_interval(values: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean ± 95% interval of a metric over ``episodes`` tasks, and the protocol that produced it."""
+    """Mean ± 95% interval of a metric over ``episodes`` problems, and the protocol that produced it."""
 
     metric: str
     mean: float
@@ -52,32 +53,26 @@ class EvalResult:
         return asdict(self)
 
 
-def protocol_of(learner: MetaLearner, sampler: TaskSampler, episodes: int, steps: int) -> dict:
-    """The evaluation protocol as a dict: ways, shots, query, inner steps, tasks, batch-norm policy."""
-    protocol = {name: getattr(sampler, name) for name in ("ways", "shots", "query") if hasattr(sampler, name)}
-    return {**protocol, "inner_steps": steps, "episodes": episodes, "bn_policy": learner.bn_policy.value}
-
-
 @torch.no_grad()
-def evaluate(learner: MetaLearner, sampler: TaskSampler, episodes: int = 600, steps: int | None = None,
+def evaluate(learner: Learner, problems: Any, episodes: int = 600, steps: int | None = None,
              device: torch.device | str | None = None) -> EvalResult:
-    """Adapt to ``episodes`` tasks of ``sampler`` and score each on its query set.
+    """Adapt (or optimize) on ``episodes`` problems of ``problems`` and score each (:meth:`Learner.evaluate`).
 
-    Classification reports query accuracy, regression the query mean squared error. The tasks
-    are the first ``episodes`` of the sampler's seeded stream, so two calls see the same tasks.
+    Few-shot classification reports query accuracy, regression the query mean squared error, a
+    learned optimizer the mean loss of its run.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    steps = learner.eval_inner_steps if steps is None else steps
-    device = device or next(learner.parameters()).device
+    steps = learner.eval_steps if steps is None else steps
+    device = device or learner.device
     values: list[torch.Tensor] = []
-    classification = None
-    index = sampler.start
+    metric = None
+    index = problems.start
     while sum(v.numel() for v in values) < episodes:
-        outputs = learner.evaluate(sampler.batch(index).to(device), steps)
-        classification = outputs.accuracy is not None
-        values.append((outputs.accuracy if classification else outputs.losses).cpu())
+        scored = learner.evaluate(problems.batch(index).to(device), steps)
+        metric = scored.metric
+        values.append(scored.values.cpu())
         index += 1
-    per_task = torch.cat(values)[:episodes]
-    return EvalResult("accuracy" if classification else "mse", per_task.mean().item(), confidence_interval(per_task),
-                      episodes, protocol_of(learner, sampler, episodes, steps))
+    per_problem = torch.cat(values)[:episodes]
+    protocol = {**problems.protocol(), "inner_steps": steps, "episodes": episodes, **learner.protocol()}
+    return EvalResult(metric, per_problem.mean().item(), confidence_interval(per_problem), episodes, protocol)

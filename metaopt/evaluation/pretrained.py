@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaopt.meta_learner import default_loss
-from metaopt.sampling import TaskSampler
+from metaopt.problems.episode import default_loss
+from metaopt.problems.sampling import TaskSampler
 
 __all__ = ["pretrain"]
 

@@ -1,45 +1,38 @@
-"""Learned optimizer versus tuned baselines on held-out problems (Andrychowicz et al. 2016, §3).
+"""A learned optimizer against tuned baselines on held-out problems (Andrychowicz et al. 2016, §3).
 
-``run_optimizer_benchmark(preset)`` meta-trains (or resumes) the preset's learned rule, tunes the
-learning rate of every baseline (SGD, SGD with momentum 0.9, NAG, RMSprop, Adam; torch's other
-defaults) on validation problems over a grid reaching 3, then runs every optimizer on the test
-problems for twice the training horizon and reports the mean (with a 95% confidence interval
-over test problems) and median loss at the horizon and at twice it. Quadratics are scored per
-function (test problems of one function each). The families of ``transfer`` (the paper's
-architecture transfer) are scored with the same rule, their baselines tuned on their own
-validation problems.
+The baselines are SGD, SGD with momentum 0.9, NAG, RMSprop and Adam (torch's other defaults).
+Each tunes its learning rate over a grid reaching 3 on validation problems (the final loss at the
+horizon), never on the test problems; then every optimizer runs on the test problems for twice
+the training horizon, and the table reports the mean (with a 95% confidence interval over the
+problems) and the median loss at the horizon and at twice it. This is the evaluation of every
+learned-optimizer run (``metaopt train --preset l2l-quadratics``, ``metaopt eval --run DIR``).
 
-Presets (``OPTIMIZER_PRESETS``; the paper's settings, the meta learning rate of the PyTorch
-port that reproduced them):
-
-* ``l2l-quadratics``: 10-d quadratics, Gaussian convention, 2000 training problems of 128 functions,
-  raw gradients, output scale 1, 100 steps in truncations of 20, meta lr 3e-3;
-* ``l2l-mnist``: the MNIST MLP 784-20-10 sigmoid, batch 128, 1000 training problems, log/sign
-  preprocessing (p = 10), output scale 0.1, meta lr 1e-2; transfer to 40 hidden units, two hidden layers, and ReLU.
-
-Usage::
-
-    metaopt optbench --preset l2l-quadratics --out runs/l2l-quadratics
+Example:
+    >>> import functools, torch
+    >>> from metaopt.datasets import Quadratics
+    >>> problems = [Quadratics(batch=1).sample(seed) for seed in range(3)]
+    >>> lr = tune_learning_rate(torch.optim.SGD, problems, steps=10, grid=(0.1, 0.01))
+    >>> run_optimizer(functools.partial(torch.optim.SGD, lr=lr), problems[0], steps=10).shape  # f(θ_0..θ_10)
+    torch.Size([11])
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metaopt.checkpoint import write_json
-from metaopt.evaluation import confidence_interval
-from metaopt.learned_training import GRID, VAL_SEED, LearnedOptimizerTrainer, run_optimizer, tune_learning_rate
-from metaopt.optimizees import OptimizeeFamily, Quadratics
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.evaluation.evaluate import confidence_interval
+from metaopt.problems.optimizees import TUNING_OFFSET, Optimizee
 
-__all__ = ["BASELINES", "OPTIMIZER_PRESETS", "TEST_SEED", "run_optimizer_benchmark"]
+__all__ = ["BASELINES", "CRITERIA", "GRID", "LEARNED", "baseline_table", "compare_with_baselines", "run_optimizer",
+           "tune_learning_rate"]
 
-TEST_SEED = 2 * 10**9
 BASELINES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "SGD": torch.optim.SGD,
     "SGD momentum 0.9": functools.partial(torch.optim.SGD, momentum=0.9),
@@ -47,39 +40,70 @@ BASELINES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "RMSprop": torch.optim.RMSprop,
     "Adam": torch.optim.Adam,
 }
+LEARNED = "learned optimizer"  # the row of the trained rule
+#: The learning rates every baseline is tuned over (quadratics need rates of 1 and more).
+GRID = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+CRITERIA = ("final", "sum")
 
 
-def _quadratics(batch: int) -> OptimizeeFamily:
-    return Quadratics(dim=10, batch=batch, convention="gaussian")
+def run_optimizer(factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer], problem: Optimizee,
+                  steps: int) -> torch.Tensor:
+    """The losses ``f(θ_0, 0), ..., f(θ_steps, steps)`` (``[steps + 1]``) of a ``torch.optim`` optimizer on ``problem``.
+
+    Args:
+        factory: builds the optimizer, e.g. ``functools.partial(torch.optim.Adam, lr=0.1)``; it runs
+            the plain ``zero_grad / backward / step`` loop on leaf copies of ``problem.init_params()``.
+        problem: the optimizee.
+        steps: optimizer steps.
+    """
+    losses = []
+    with torch.enable_grad():
+        params = {name: p.detach().clone().requires_grad_() for name, p in problem.init_params().items()}
+        opt = factory(list(params.values()))
+        for t in range(steps):
+            opt.zero_grad()
+            loss = problem.loss(params, t)
+            losses.append(loss.detach())
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        losses.append(problem.loss(params, steps))
+    return torch.stack(losses)
 
 
-def _mnist(part: str, **variant: Any) -> OptimizeeFamily:
-    from metaopt.datasets.mnist import MNISTOptimizees
+def tune_learning_rate(factory: Callable[..., torch.optim.Optimizer], problems: Sequence[Optimizee], steps: int,
+                       grid: Sequence[float], criterion: str = "final") -> float:
+    """The learning rate of ``grid`` with which ``factory`` does best on ``problems``.
 
-    return MNISTOptimizees(part=part, **variant)
+    The paper tunes every baseline's learning rate per problem family (Andrychowicz et al. 2016,
+    §3); tune on validation problems, never on the test problems. A learning rate whose score is
+    not finite on some problem counts as the worst; ties go to the first in ``grid``.
 
+    Args:
+        factory: builds the optimizer as ``factory(params, lr=lr)``, e.g. ``torch.optim.Adam``.
+        problems: the problems to tune on.
+        steps: optimizer steps per problem.
+        grid: candidate learning rates.
+        criterion: ``"final"``: mean over the problems of ``f(θ_steps)``; ``"sum"``: mean of
+            ``f(θ_1) + ... + f(θ_steps)`` (the meta-training objective).
 
-OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
-    "l2l-quadratics": {
-        "rule": {"preprocessing": False, "output_scale": 1.0},
-        "train": {"epochs": 2000, "steps": 100, "unroll": 20, "meta_lr": 3e-3, "eval_every": 25, "val_problems": 4},
-        "family": lambda part: _quadratics(128),
-        "test_family": lambda: _quadratics(1),
-        "test_problems": 1000,
-        "tune_problems": 4,
-        "transfer": {},
-    },
-    "l2l-mnist": {
-        "rule": {"preprocessing": True, "output_scale": 0.1},
-        "train": {"epochs": 1000, "steps": 100, "unroll": 20, "meta_lr": 1e-2, "eval_every": 20, "val_problems": 4},
-        "family": lambda part: _mnist(part),
-        "test_family": lambda: _mnist("meta-test"),
-        "test_problems": 20,
-        "tune_problems": 5,
-        "transfer": {"40 hidden units": {"hidden": (40,)}, "2 hidden layers": {"hidden": (20, 20)},
-                     "ReLU": {"activation": "relu"}},
-    },
-}
+    Raises:
+        ValueError: an unknown criterion, no problems, or no learning rate of ``grid`` gives a finite score.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
+    if not problems:
+        raise ValueError("tune_learning_rate needs at least one problem")
+    best_lr, best_score = None, math.inf
+    for lr in grid:
+        runs = torch.stack([run_optimizer(functools.partial(factory, lr=lr), problem, steps) for problem in problems])
+        score = (runs[:, -1] if criterion == "final" else runs[:, 1:].sum(dim=1)).mean().item()
+        if math.isfinite(score) and score < best_score:
+            best_lr, best_score = lr, score
+    if best_lr is None:
+        raise ValueError(f"no learning rate of {tuple(grid)} gives a finite {criterion!r} score over {steps} steps; "
+                         "extend the grid to smaller rates")
+    return best_lr
 
 
 def _summary(runs: torch.Tensor, horizon: int) -> dict[str, float]:
@@ -92,23 +116,21 @@ def _summary(runs: torch.Tensor, horizon: int) -> dict[str, float]:
     return summary
 
 
-def _score(family: OptimizeeFamily, rule: torch.nn.Module, tune_family: OptimizeeFamily, tune_problems: int,
-           test_problems: int, horizon: int) -> dict[str, Any]:
-    """Tune the baselines on ``tune_family``, then run everything on the test problems of ``family``."""
-    problems = [family.sample(TEST_SEED + i) for i in range(test_problems)]
-    tune_seeds = [VAL_SEED + 10**6 + i for i in range(tune_problems)]
-    results: dict[str, Any] = {}
-    curves = {"LSTM (learned)": torch.stack([run_optimizer(rule, p, 2 * horizon) for p in problems])}
-    results["LSTM (learned)"] = {"lr": None, **_summary(curves["LSTM (learned)"], horizon)}
+def _score(learner: OptimizerLearner, problems: Sequence[Optimizee], tune_problems: Sequence[Optimizee],
+           horizon: int, grid: Sequence[float]) -> dict[str, Any]:
+    """Tune the baselines on ``tune_problems``, then run everything on ``problems`` for twice the horizon."""
+    curves = {LEARNED: torch.stack([learner.losses(p, 2 * horizon).cpu() for p in problems])}
+    results: dict[str, Any] = {LEARNED: {"lr": None, **_summary(curves[LEARNED], horizon)}}
     for name, factory in BASELINES.items():
-        lr = tune_learning_rate(factory, tune_family, tune_seeds, horizon, GRID)
-        curves[name] = torch.stack([run_optimizer(functools.partial(factory, lr=lr), p, 2 * horizon)
+        lr = tune_learning_rate(factory, tune_problems, horizon, grid)
+        curves[name] = torch.stack([run_optimizer(functools.partial(factory, lr=lr), p, 2 * horizon).cpu()
                                     for p in problems])
         results[name] = {"lr": lr, **_summary(curves[name], horizon)}
     return {"results": results, "mean_curves": {k: v.mean(0).tolist() for k, v in curves.items()}}
 
 
-def _table(title: str, scored: Mapping[str, Any], horizon: int) -> str:
+def baseline_table(title: str, scored: Mapping[str, Any], horizon: int) -> str:
+    """The Markdown table of one scored family: tuned lr, mean ± 95% CI and median at the horizon and twice it."""
     late = 2 * horizon
     lines = [f"**{title}**", "", f"| optimizer | tuned lr | mean f{horizon} (95% CI) | median f{horizon} | "
              f"mean f{late} (95% CI) | median f{late} |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -127,7 +149,7 @@ def _plot(scored: Mapping[str, Mapping[str, Any]], out: Path) -> None:
     for i, (title, result) in enumerate(scored.items()):
         axes = figure.add_subplot(1, len(scored), i + 1)
         for name, curve in result["mean_curves"].items():
-            axes.plot(curve, label=name, linewidth=2.5 if name.startswith("LSTM") else 1.2)
+            axes.plot(curve, label=name, linewidth=2.5 if name == LEARNED else 1.2)
         axes.set_yscale("log")
         axes.set(title=title, xlabel="optimizer step", ylabel="mean loss over test problems")
         axes.legend(fontsize=7)
@@ -135,44 +157,34 @@ def _plot(scored: Mapping[str, Mapping[str, Any]], out: Path) -> None:
     figure.savefig(out)
 
 
-def run_optimizer_benchmark(preset: str, out: str | Path, epochs: int | None = None,
-                            test_problems: int | None = None) -> str:
-    """Train (or resume) the preset's learned optimizer in ``out/train`` and score it against tuned baselines.
+def compare_with_baselines(learner: OptimizerLearner, families: Mapping[str, tuple[Any, Any]], problems: int,
+                           steps: int | None, chart: str | Path | None = None, tune_problems: int = 4,
+                           grid: Sequence[float] = GRID) -> dict[str, Any]:
+    """Score ``learner``'s rule against the tuned baselines on each family.
 
-    Writes ``out/results.json``, ``out/results.md`` and ``out/curves.png``; returns the Markdown.
+    Args:
+        learner: the trained learned optimizer.
+        families: by title, the test problem source and the validation source (baselines tune on its
+            problems from index :data:`metaopt.problems.optimizees.TUNING_OFFSET`, apart from the
+            validation problems).
+        problems: test problems per family (the first of the test stream).
+        steps: the horizon (default: the learner's); runs last twice as long.
+        chart: PNG to draw the mean loss curves to (``None``: none).
+        tune_problems: validation problems each baseline is tuned on.
+        grid: learning rates each baseline tries.
+
+    Returns:
+        ``{"scored": {title: {"results": {optimizer: figures}, "mean_curves": ...}}, "table": markdown}``.
     """
-    if preset not in OPTIMIZER_PRESETS:
-        raise ValueError(f"unknown optimizer preset {preset!r}; choose one of {sorted(OPTIMIZER_PRESETS)}")
-    from metaopt.algorithms.lstm_optimizer import LSTMOptimizerRule
-
-    spec = OPTIMIZER_PRESETS[preset]
-    out = Path(out)
-    settings = {**spec["train"], **({"epochs": epochs} if epochs is not None else {})}
-    trainer = LearnedOptimizerTrainer(LSTMOptimizerRule(**spec["rule"]), spec["family"]("meta-train"),
-                                      run_dir=out / "train", **settings)
-    summary = trainer.fit(resume=(out / "train" / "last.pt").exists())
-    rule = LSTMOptimizerRule.from_checkpoint(out / "train" / "best.pt")
-    horizon = settings["steps"]
-    count = test_problems or spec["test_problems"]
-    scored = {preset: _score(spec["test_family"](), rule, spec["family"]("meta-train"), spec["tune_problems"], count,
-                             horizon)}
-    for name, variant in spec["transfer"].items():
-        family = _mnist("meta-test", **variant)
-        scored[f"transfer: {name}"] = _score(family, rule, _mnist("meta-train", **variant), spec["tune_problems"],
-                                             count, horizon)
-    markdown = "\n\n".join(_table(title, result, horizon) for title, result in scored.items())
-    header = (f"Learned optimizer `{preset}`: best of {summary['epoch']} training epochs (validation loss "
-              f"{summary['best']['value']:.4g} at epoch {summary['best']['epoch']}); {count} test problems, baselines' "
-              f"learning rates tuned over {GRID} on {spec['tune_problems']} validation problems (final loss at step "
-              f"{horizon}).")
-    markdown = header + "\n\n" + markdown + "\n"
-    write_json(out / "results.json", {"preset": preset, "train": summary, "scored": scored})
-    (out / "results.md").write_text(markdown)
-    _plot(scored, out / "curves.png")
-    return markdown
-
-
-def main(preset: str, out: str, epochs: int | None, test_problems: int | None) -> None:
-    """The ``metaopt optbench`` command."""
-    print(run_optimizer_benchmark(preset, out, epochs, test_problems))
-    print(json.dumps({"written": [str(Path(out) / f) for f in ("results.json", "results.md", "curves.png")]}))
+    horizon = learner.horizon if steps is None else steps
+    device = learner.device
+    scored = {}
+    for title, (test, val) in families.items():
+        scored[title] = _score(learner, [test.batch(i).to(device) for i in range(problems)],
+                               [val.batch(TUNING_OFFSET + i).to(device) for i in range(tune_problems)], horizon, grid)
+    header = (f"{problems} test problems, {horizon}-step horizon; baselines' learning rates tuned over {tuple(grid)} "
+              f"on {tune_problems} validation problems (final loss at step {horizon}).")
+    table = header + "\n\n" + "\n\n".join(baseline_table(title, result, horizon) for title, result in scored.items())
+    if chart is not None:
+        _plot(scored, Path(chart))
+    return {"scored": scored, "table": table + "\n"}

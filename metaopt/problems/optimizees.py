@@ -1,54 +1,80 @@
-"""Optimizee families: the training problems a learned optimizer is meta-trained and tested on.
+"""Optimizees: the training problems a learned optimizer is meta-trained and tested on.
 
 An :class:`Optimizee` is one problem: its starting parameters and a loss ``f(θ, step)`` (the
-step picks the minibatch of stochastic problems, so a run is reproducible). An
-:class:`OptimizeeFamily` draws problems from a seed, so training, validation and test problems
-are disjoint streams.
+step picks the minibatch of stochastic problems, so a run is reproducible). As an inner problem
+(:class:`metaopt.problems.problem.Problem`) its inner and outer losses are both ``f``: the
+learned optimizer descends ``f`` and is scored on ``f`` along its trajectory (Andrychowicz et al.
+2016, §2). An :class:`OptimizeeFamily` draws problems from a seed; :class:`OptimizeeStream` is
+the problem source the trainer reads, problem ``i`` of a split being ``family.sample(first + i)``.
 
-:class:`Quadratics` is the random quadratic family of Andrychowicz et al. 2016 (§3.1),
-``f(θ) = ||W θ - y||²`` with 10×10 ``W`` and 10-d ``y``, in one of two conventions that give
-losses orders of magnitude apart, so results must name theirs:
-
-* ``"gaussian"`` (the paper's): ``W``, ``y`` and ``θ_0`` drawn from N(0, 1);
-* ``"uniform"`` (google-deepmind/learning-to-learn ``problems.py``): ``W``, ``y`` from U[0, 1],
-  ``θ_0`` from N(0, 0.01²).
-
-A problem is a batch of ``batch`` independent functions (128 in the reference code) whose
-parameters are separate coordinates; its loss is their *sum*, so that every coordinate sees the
-gradient of its own function, whatever the batch: a batch of B functions optimized coordinate-wise
-(SGD, Adam, the LSTM) is exactly B independent runs, and learning rates tuned on batches hold for
-single functions.
+The splits of a run with seed ``s`` are disjoint seed ranges (the numbering of the reference
+code's port, so results stay comparable): training problems ``s · 10⁶ + i`` (``s < 1000``),
+validation problems ``10⁹ + i``, test problems ``2 · 10⁹ + i``
+(:func:`optimizee_stream`). Baselines tune their learning rates on the validation stream from
+index ``10⁶`` on (:data:`TUNING_OFFSET`), apart from the validation problems.
 
 Example:
-    >>> family = Quadratics(dim=10, batch=4, convention="gaussian")
-    >>> problem = family.sample(seed=0)
-    >>> theta = problem.init_params()
-    >>> tuple(theta["theta"].shape), problem.loss(theta, step=0).shape
-    ((4, 10), torch.Size([]))
+    >>> import torch
+    >>> class Parabola(Optimizee):
+    ...     def init_params(self):
+    ...         return {"x": torch.ones(3)}
+    ...     def loss(self, params, step):
+    ...         return params["x"].square().sum()
+    >>> class Parabolas:
+    ...     def sample(self, seed):
+    ...         return Parabola()
+    >>> stream = optimizee_stream(Parabolas(), "val", seed=0)
+    >>> problem = stream.batch(0)
+    >>> problem.inner_loss(problem.init_params(), step=0), stream.first
+    (tensor(3.), 1000000000)
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CONVENTIONS", "Optimizee", "OptimizeeFamily", "Quadratic", "Quadratics"]
+from metaopt.engine.functional import Params
+from metaopt.options import ConfigError
+from metaopt.problems.problem import Problem
 
-CONVENTIONS = ("gaussian", "uniform")
+__all__ = ["EPOCH_SEEDS", "TEST_SEED", "TUNING_OFFSET", "VAL_SEED", "Optimizee", "OptimizeeFamily", "OptimizeeStream",
+           "optimizee_stream"]
+
+#: Training problems per run seed: problem ``i`` of a run with seed ``s`` is ``family.sample(s · EPOCH_SEEDS + i)``.
+EPOCH_SEEDS = 10**6
+#: First seed of the validation problems (above every training seed).
+VAL_SEED = 10**9
+#: First seed of the test problems.
+TEST_SEED = 2 * 10**9
+#: Index in the validation stream of the first problem that baselines tune their learning rate on.
+TUNING_OFFSET = 10**6
 
 
-@runtime_checkable
-class Optimizee(Protocol):
-    """One training problem."""
+class Optimizee(Problem):
+    """One training problem of a learned optimizer: ``init_params()`` and the loss ``f(θ, step)``."""
 
-    def init_params(self) -> dict[str, torch.Tensor]:
+    outer_is_inner: ClassVar[bool] = True
+
+    def init_params(self) -> Params:
         """The starting parameters θ_0 (fresh tensors, the same at every call)."""
-        ...
+        raise NotImplementedError
 
-    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def loss(self, params: Params, step: int) -> torch.Tensor:
         """The scalar loss of ``params`` at optimisation step ``step`` (which picks the minibatch)."""
-        ...
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Optimizee:
+        """The problem with its data on ``device`` (problems that move each minibatch return themselves)."""
+        del device
+        return self
+
+    def inner_loss(self, params: Params, step: int) -> torch.Tensor:
+        return self.loss(params, step)
+
+    def outer_loss(self, params: Params, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.loss(params, step), None
 
 
 @runtime_checkable
@@ -59,50 +85,43 @@ class OptimizeeFamily(Protocol):
         ...
 
 
-class Quadratic:
-    """A batch of quadratics ``f_b(θ_b) = ||W_b θ_b - y_b||²``; the loss is their sum over ``b``."""
-
-    def __init__(self, w: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor) -> None:
-        self.w, self.y, self.theta0 = w, y, theta0
-
-    def init_params(self) -> dict[str, torch.Tensor]:
-        return {"theta": self.theta0.clone()}
-
-    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        del step
-        return self.losses(params).sum()
-
-    def losses(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of every function of the batch, ``[batch]``."""
-        residual = torch.einsum("bij,bj->bi", self.w, params["theta"]) - self.y
-        return residual.square().sum(-1)
-
-
-class Quadratics:
-    """Random quadratics of Andrychowicz et al. 2016 (§3.1) in a named convention.
+class OptimizeeStream:
+    """Problems ``family.sample(first + i)`` for ``i = 0, 1, ...``: the problem source of one split.
 
     Args:
-        dim: dimension of θ and y (10 in the paper).
-        batch: functions per problem.
-        convention: ``"gaussian"`` (paper) or ``"uniform"`` (reference code), see the module docs.
-        dtype: floating type of the problems.
+        family: the problem family.
+        first: seed of problem 0.
+        description: figures of the family that results record with their protocol.
     """
 
-    def __init__(self, dim: int = 10, batch: int = 128, convention: str = "gaussian",
-                 dtype: torch.dtype = torch.float32) -> None:
-        if convention not in CONVENTIONS:
-            raise ValueError(f"unknown quadratic convention {convention!r}; choose one of {CONVENTIONS}")
-        if dim < 1 or batch < 1:
-            raise ValueError(f"dim and batch must be >= 1, got dim={dim}, batch={batch}")
-        self.dim, self.batch, self.convention, self.dtype = dim, batch, convention, dtype
+    batch_size = 1  # one problem per meta-update
+    start = 0
 
-    def sample(self, seed: int) -> Quadratic:
-        g = torch.Generator().manual_seed(seed)
-        shape_w, shape_y = (self.batch, self.dim, self.dim), (self.batch, self.dim)
-        if self.convention == "gaussian":
-            w, y = torch.randn(shape_w, generator=g), torch.randn(shape_y, generator=g)
-            theta0 = torch.randn(shape_y, generator=g)
-        else:
-            w, y = torch.rand(shape_w, generator=g), torch.rand(shape_y, generator=g)
-            theta0 = 0.01 * torch.randn(shape_y, generator=g)
-        return Quadratic(w.to(self.dtype), y.to(self.dtype), theta0.to(self.dtype))
+    def __init__(self, family: OptimizeeFamily, first: int, description: dict | None = None) -> None:
+        self.family, self.first = family, first
+        self.description = dict(description or {})
+
+    def batch(self, index: int) -> Optimizee:
+        """Problem ``index`` of the stream."""
+        return self.family.sample(self.first + index)
+
+    def protocol(self) -> dict:
+        return dict(self.description)
+
+
+def optimizee_stream(family: OptimizeeFamily, split: str, seed: int, description: dict | None = None,
+                     ) -> OptimizeeStream:
+    """The stream of ``split`` (``"train"``, ``"val"`` or ``"test"``) of a run with seed ``seed`` (module docs).
+
+    Raises:
+        ConfigError: a seed outside ``[0, 1000)`` (its training problems would reach the
+            validation seeds).
+        ValueError: an unknown split.
+    """
+    if not 0 <= seed < VAL_SEED // EPOCH_SEEDS:
+        raise ConfigError(f"optimizee runs take a seed in [0, {VAL_SEED // EPOCH_SEEDS}) so that training problems "
+                         f"stay apart from the validation ones, got {seed}")
+    firsts = {"train": seed * EPOCH_SEEDS, "val": VAL_SEED, "test": TEST_SEED}
+    if split not in firsts:
+        raise ValueError(f"unknown split {split!r}; choose one of {tuple(firsts)}")
+    return OptimizeeStream(family, firsts[split], description)

@@ -1,5 +1,10 @@
 """Seeded task samplers: N-way K-shot Q-query episodes over class datasets, batched into meta-batches.
 
+A sampler is the problem source of a few-shot run: the trainer's estimator reads meta-batch ``i``
+as ``sampler.batch(i)``. :class:`TaskOptions` / :class:`EpisodeOptions` are the options of
+task datasets, and :func:`split_seed` gives the train, validation and test streams of a run
+distinct seeds.
+
 Every batch is a pure function of ``(seed, index)``: batch ``i`` is drawn from its own
 ``numpy`` generator seeded with ``[seed, i]``. The stream is therefore fixed by the seed,
 resumable at any position (``start``), and identical when a
@@ -19,15 +24,62 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from metaopt.episode import Episode
+from metaopt.options import Options
+from metaopt.problems.episode import Episode
 
-__all__ = ["ClassDataset", "EpisodeSampler", "TaskSampler"]
+__all__ = ["SPLITS", "ClassDataset", "EpisodeOptions", "EpisodeSampler", "TaskOptions", "TaskSampler",
+           "episode_sampler", "split_seed"]
+
+SPLITS = ("train", "val", "test")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Seed of the ``split`` task stream of a run: ``3·seed + {train: 0, val: 1, test: 2}`` (distinct for all seeds)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    return 3 * seed + SPLITS.index(split)
+
+
+@dataclass(frozen=True)
+class TaskOptions(Options):
+    """Tasks of K support examples (per class) and a query set.
+
+    Args:
+        shots: support examples per class (per task for regression): the K of K-shot.
+        query: query examples per class (per task for regression) of the meta-training tasks.
+        eval_query: query examples of the validation and test tasks (None: query); few-shot
+            benchmarks score 15 per class whatever the training query.
+        meta_batch: tasks per meta-batch.
+    """
+
+    positive = ("shots", "query", "eval_query", "meta_batch")
+    shots: int = 1
+    query: int = 15
+    eval_query: int | None = None
+    meta_batch: int = 32
+
+    def query_of(self, split: str) -> int:
+        """The query size of ``split``'s tasks."""
+        return self.query if split == "train" or self.eval_query is None else self.eval_query
+
+
+@dataclass(frozen=True)
+class EpisodeOptions(TaskOptions):
+    """N-way K-shot classification tasks of a class dataset.
+
+    Args:
+        ways: classes per task (N).
+    """
+
+    positive = ("ways", *TaskOptions.positive)
+    ways: int = 5
 
 
 @runtime_checkable
@@ -90,6 +142,10 @@ class TaskSampler(IterableDataset):
     def sample_task(self, rng: np.random.Generator) -> Episode:
         raise NotImplementedError
 
+    def protocol(self) -> dict:
+        """Figures of the tasks that evaluation results record (ways, shots, query size); none by default."""
+        return {}
+
     def batch(self, index: int) -> Episode:
         """Batch number ``index`` of the stream (a pure function of seed and index)."""
         rng = np.random.default_rng([self.seed, index])
@@ -141,6 +197,9 @@ class EpisodeSampler(TaskSampler):
                              f"{sizes.min()} examples); lower shots or query")
         self.ways, self.shots, self.query = ways, shots, query
 
+    def protocol(self) -> dict:
+        return {"ways": self.ways, "shots": self.shots, "query": self.query}
+
     def sample_task(self, rng: np.random.Generator) -> Episode:
         classes = rng.choice(self._eligible, size=self.ways, replace=False)
         support, query = [], []
@@ -152,3 +211,9 @@ class EpisodeSampler(TaskSampler):
         labels = torch.arange(self.ways)
         return Episode(torch.cat(support).float(), labels.repeat_interleave(self.shots),
                        torch.cat(query).float(), labels.repeat_interleave(self.query), ways=self.ways, validate=False)
+
+
+def episode_sampler(dataset: ClassDataset | Mapping, options: EpisodeOptions, split: str, seed: int) -> EpisodeSampler:
+    """The episodes of ``split`` of a run with seed ``seed``, as ``options`` say (query size per split)."""
+    return EpisodeSampler(dataset, ways=options.ways, shots=options.shots, query=options.query_of(split),
+                          batch_size=options.meta_batch, seed=split_seed(seed, split))

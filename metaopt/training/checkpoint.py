@@ -16,7 +16,7 @@ Example:
     >>> load_checkpoint(path, required=["optimizer"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    metaopt.checkpoint.CheckpointError: checkpoint .../last.pt lacks the entries ['optimizer']; ...
+    metaopt.training.checkpoint.CheckpointError: checkpoint .../last.pt lacks the entries ['optimizer']; ...
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "READABLE_VERSIONS",
+    "VERSION",
     "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
@@ -47,7 +49,10 @@ __all__ = [
 ]
 
 FORMAT = "metaopt-checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load_checkpoint` reads: 1 was written before the one-engine rebuild (no estimator state);
+#: :mod:`metaopt.training.legacy` converts its runs.
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -128,9 +133,9 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str,
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a metaopt checkpoint (no 'format': {FORMAT!r} entry); pass a "
                               "last.pt or best.pt written by metaopt")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')!r}, this metaopt reads "
-                              f"version {VERSION}; load it with the metaopt release that wrote it")
+                              f"versions {READABLE_VERSIONS}; load it with the metaopt release that wrote it")
     missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks the entries {missing}; it was not written by this trainer "

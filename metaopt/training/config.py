@@ -1,170 +1,239 @@
-"""Typed, checked run configurations, loaded from dicts, JSON files and named presets.
+"""Run configurations: the trainer's options and a run's sections, loaded from dicts, JSON files and presets.
 
-:class:`TrainerConfig` holds what the outer loop (:class:`metaopt.trainer.MetaTrainer`) reads:
-meta-optimizer, clipping, evaluation, checkpoint and logging periods. :class:`ExperimentConfig`
-adds what to train: algorithm, task family, model and inner loop. Both are frozen dataclasses
-that check every value when built; loading a dict rejects unknown keys and suggests the closest
-valid one. A preset is an :class:`ExperimentConfig` stored as JSON in ``metaopt/presets/``.
+A run config (:class:`RunConfig`) is the common part, the seed, the device and the trainer's
+options (:class:`TrainerConfig`), plus one section per part the registry builds, each a name and
+that part's own options (:class:`Section`): the ``algorithm``, the ``data`` (problem source) and,
+for few-shot algorithms, the ``model``. Runs of learned optimizers may add ``baselines``
+(:class:`BaselinesConfig`), how their evaluation compares the trained optimizer with tuned
+``torch.optim`` baselines. As JSON::
+
+    {"seed": 0, "device": "auto",
+     "trainer": {"iterations": 60000, "meta_lr": 0.001, ...},
+     "data": {"name": "omniglot", "ways": 5, "shots": 1, ...},
+     "model": {"name": "conv4", "filters": 64, "strided": true},
+     "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, ...}}
+
+Every key is checked: an option the named part does not take is an error that lists what it
+takes. A preset is a run config stored in ``metaopt/presets/``.
 
 Example:
     >>> config = load_preset("maml-sinusoid-10shot")
-    >>> config.shots, config.inner_lr, config.meta_batch
-    (10, 0.01, 25)
-    >>> config.replace(inner_lr=0.02).inner_lr
+    >>> config.data.options.shots, config.algorithm.options.inner_lr, config.trainer.meta_lr
+    (10, 0.01, 0.001)
+    >>> config.replace(algorithm={"inner_lr": 0.02}).algorithm.options.inner_lr
     0.02
-    >>> ExperimentConfig.from_dict({"inner_rl": 0.02})
+    >>> load_preset("metalstm-omniglot-5w1s").replace(algorithm={"inner_lr": 0.1})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    metaopt.config.ConfigError: unknown config key 'inner_rl' (did you mean 'inner_lr'?)
+    metaopt.options.ConfigError: 'inner_lr' ... is not an option of algorithm 'metalstm'; its options are adapt, ...
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 import torch
 
-from metaopt.batchnorm import BatchNormPolicy
-from metaopt.inner import STRATEGIES
+from metaopt.evaluation.tuned_baselines import GRID
+from metaopt.options import ConfigError, Options, closest
+from metaopt.registry import Entry, Kind, entry, load_plugins, names
 
-__all__ = ["ConfigError", "ExperimentConfig", "TrainerConfig", "load_preset", "preset_names"]
-
-C = TypeVar("C", bound="TrainerConfig")
-
-META_OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
-BUDGET_CLOCKS = ("wall", "cpu")
-MODELS = ("mlp", "conv4")
-METASGD_INITS = ("uniform", "constant")
-MTNET_MASKS = ("unit", "weight")
-
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names it and what is allowed."""
-
-
-def _closest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _conform(name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field type ``hint`` (int -> float, list -> tuple), or a ConfigError."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        hint = options[0]
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if hint is float and is_int:
-        return float(value)
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-    elif (hint is int and is_int) or (hint in (float, str, bool) and type(value) is hint):
-        return value
-    expected = "a tuple of ints" if typing.get_origin(hint) is tuple else hint.__name__
-    raise ConfigError(f"config field {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
+__all__ = ["BaselinesConfig", "RunConfig", "Section", "TrainerConfig", "load_preset", "preset_names"]
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(Options):
     """The outer loop: length, meta-optimizer, gradient clipping, evaluation, checkpoints and logging.
 
     Args:
-        iterations: meta-updates (meta-batches) in the run.
+        iterations: meta-updates in the run (a learned optimizer's truncation is one).
         time_budget: also stop after the meta-update during which this many minutes of training
-            time have passed (``None``: no limit). Training time is the time of the meta-updates
+            time have passed (None: no limit). Training time is the time of the meta-updates
             alone; validation, checkpoints and logging do not count.
-        budget_clock: what ``time_budget`` counts: ``"wall"`` time, or the ``"cpu"`` time of the
-            process (all its threads), which runs sharing a machine cannot take from each other
-            (equal-budget comparisons; with one thread the two agree on an idle machine).
-        meta_optimizer: ``"adam"`` (MAML's) or ``"sgd"``.
+        budget_clock: what time_budget counts: "wall" time, or the "cpu" time of the process (all
+            its threads), which runs sharing a machine cannot take from each other.
+        meta_optimizer: "adam" (MAML's) or "sgd".
         meta_lr: learning rate of the meta-optimizer.
-        lr_schedule: ``"constant"``, or ``"cosine"`` annealing from ``meta_lr`` to ``min_meta_lr``
-            over the run's epochs, a step per epoch (MAML++'s CA, Antoniou et al. 2019, §4).
+        lr_schedule: "constant", or "cosine" annealing from meta_lr to min_meta_lr over the run's
+            epochs, a step per epoch (MAML++'s CA, Antoniou et al. 2019, §4).
         min_meta_lr: the meta learning rate that cosine annealing ends at (MAML++ Omniglot: 1e-5).
-        epoch_length: meta-iterations per epoch, the unit of the epoch schedules (cosine
-            annealing, MAML++'s multi-step loss and derivative-order annealing; 500 in MAML++).
-        grad_clip: clip the meta-gradient to this global L2 norm (``None``: no clipping).
-        grad_clip_value: clip each meta-gradient entry to ``[-v, v]`` (MAML's miniImageNet
-            code clips at 10; cbfinn/maml ``maml.py``).
-        eval_every: evaluate on the validation tasks every this many iterations (and at the end).
-        eval_episodes: validation / test tasks per evaluation (MAML's protocol: 600).
-        checkpoint_every: write ``last.pt`` every this many iterations (and at the end).
+        epoch_length: meta-iterations per epoch, the unit of the epoch schedules (cosine annealing,
+            MAML++'s multi-step loss and derivative-order annealing; 500 in MAML++).
+        grad_clip: clip the meta-gradient to this global L2 norm (None: no clipping).
+        grad_clip_value: clip each meta-gradient entry to [-v, v] (MAML's miniImageNet code clips
+            at 10; cbfinn/maml maml.py).
+        eval_every: evaluate on the validation problems every this many iterations (and at the end).
+        eval_episodes: validation problems (tasks) per evaluation (MAML's protocol: 600).
+        test_episodes: test problems of the final evaluation (None: eval_episodes).
+        checkpoint_every: write last.pt every this many iterations (and at the end).
         log_every: log training metrics every this many iterations.
-        max_nonfinite: stop after this many consecutive meta-batches with a non-finite
-            meta-loss or meta-gradient (each is skipped).
+        max_nonfinite: stop after this many consecutive meta-updates with a non-finite meta-loss or
+            meta-gradient (each is skipped).
     """
 
+    positive = ("iterations", "time_budget", "eval_every", "eval_episodes", "test_episodes", "checkpoint_every",
+                "log_every", "max_nonfinite", "meta_lr", "grad_clip", "grad_clip_value", "epoch_length")
     iterations: int = 70000
     time_budget: float | None = None
-    budget_clock: str = "wall"
-    meta_optimizer: str = "adam"
+    budget_clock: Literal["wall", "cpu"] = "wall"
+    meta_optimizer: Literal["adam", "sgd"] = "adam"
     meta_lr: float = 1e-3
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     min_meta_lr: float = 0.0
     epoch_length: int = 500
     grad_clip: float | None = None
     grad_clip_value: float | None = None
     eval_every: int = 1000
     eval_episodes: int = 600
+    test_episodes: int | None = None
     checkpoint_every: int = 1000
     log_every: int = 100
     max_nonfinite: int = 10
 
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            object.__setattr__(self, f.name, _conform(f.name, getattr(self, f.name), hints[f.name]))
-        self._check()
-
-    def _check(self) -> None:
-        positive = ("iterations", "time_budget", "eval_every", "eval_episodes", "checkpoint_every", "log_every",
-                    "max_nonfinite", "meta_lr", "grad_clip", "grad_clip_value", "epoch_length")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"config field {name!r} must be > 0, got {value}")
+    def check(self) -> None:
+        super().check()
         if not 0 <= self.min_meta_lr <= self.meta_lr:
-            raise ConfigError(f"config field 'min_meta_lr' must be in [0, meta_lr={self.meta_lr}], got "
-                              f"{self.min_meta_lr}")
-        self._check_choice("meta_optimizer", META_OPTIMIZERS)
-        self._check_choice("lr_schedule", LR_SCHEDULES)
-        self._check_choice("budget_clock", BUDGET_CLOCKS)
+            raise ConfigError(f"option 'min_meta_lr' must be in [0, meta_lr={self.meta_lr}], got {self.min_meta_lr}")
 
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ConfigError(f"config field {name!r} must be one of {choices}, got {value!r}"
-                              f"{_closest(value, list(choices))}")
+
+@dataclass(frozen=True)
+class BaselinesConfig(Options):
+    """How a learned optimizer's evaluation compares it with tuned torch.optim baselines.
+
+    Args:
+        tune_problems: validation problems each baseline's learning rate is tuned on (final loss
+            at the horizon).
+        grid: the learning rates tried.
+        transfer: variants of the data options the trained optimizer is also scored on, without
+            retraining, by name (the paper's architecture transfer), e.g. {"ReLU": {"activation": "relu"}}.
+    """
+
+    positive = ("tune_problems",)
+    tune_problems: int = 4
+    grid: tuple[float, ...] = GRID
+    transfer: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        super().check()
+        if not self.grid or min(self.grid) <= 0:
+            raise ConfigError(f"option 'grid' must hold learning rates > 0, got {list(self.grid)}")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of a run: the registered name of an algorithm, dataset or model, and its options."""
+
+    kind: Kind
+    name: str
+    options: Options
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of the config's fields, in declaration order."""
-        return [f.name for f in fields(cls)]
+    def from_dict(cls, kind: Kind, raw: Any) -> Section:
+        """``{"name": ..., **options}``, checked against the options of the registered ``name``."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"the {kind} section must be a mapping with a 'name' (e.g. {{\"name\": ...}}), "
+                              f"got {raw!r}")
+        found = entry(kind, raw["name"])
+        options = {k: v for k, v in raw.items() if k != "name"}
+        return cls(kind, found.name, found.options.from_dict(options, owner=f"{kind} {found.name!r}"))
+
+    @property
+    def entry(self) -> Entry:
+        """The registry entry of this part."""
+        return entry(self.kind, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options.to_dict()}
+
+    def replace(self, **changes: Any) -> Section:
+        """The same part with option ``changes``, checked."""
+        return Section.from_dict(self.kind, {**self.to_dict(), **changes})
+
+
+_KIND: dict[str, Kind] = {"data": "dataset", "model": "model", "algorithm": "algorithm"}  # section -> registry kind
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: what to meta-train (algorithm, data, model) and how (trainer, seed, device).
+
+    Args:
+        algorithm: the algorithm and its options.
+        data: the problem source (a few-shot dataset or an optimizee family) and its options.
+        model: the network of few-shot algorithms and its options (None for learned optimizers,
+            whose problems define their networks).
+        trainer: the outer loop's options.
+        baselines: learned optimizers only: the comparison with tuned baselines in evaluation.
+        seed: fixes the initialisation and the problem streams (few-shot: train, validation and
+            test tasks use the seeds 3·seed, 3·seed + 1 and 3·seed + 2).
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"...
+    """
+
+    algorithm: Section
+    data: Section
+    model: Section | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    baselines: BaselinesConfig | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"config field 'seed' must be >= 0, got {self.seed}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ConfigError(f"config field 'device' must be 'auto' or a torch device such as 'cpu' or "
+                                  f"'cuda:0', got {self.device!r}") from err
+        problems = self.algorithm.entry.problems
+        if self.data.entry.problems != problems:
+            fitting = [name for name in names("dataset") if entry("dataset", name).problems == problems]
+            raise ConfigError(f"algorithm {self.algorithm.name!r} meta-learns from {problems}, but dataset "
+                              f"{self.data.name!r} gives {self.data.entry.problems}; pick a dataset of {problems}: "
+                              f"{', '.join(fitting)}")
+        if problems == "episodes" and self.model is None:
+            raise ConfigError(f"algorithm {self.algorithm.name!r} adapts a network: give a model section, e.g. "
+                              "{\"name\": \"conv4\"}")
+        if problems == "optimizees" and self.model is not None:
+            raise ConfigError(f"algorithm {self.algorithm.name!r} trains a learned optimizer on problems that define "
+                              "their own networks; drop the model section")
+        if problems == "episodes" and self.baselines is not None:
+            raise ConfigError("the baselines section compares learned optimizers with tuned torch.optim optimizers; "
+                              f"algorithm {self.algorithm.name!r} is a few-shot learner: drop it")
+        for name, change in (self.baselines.transfer if self.baselines is not None else {}).items():
+            try:
+                self.data.replace(**change)
+            except ConfigError as err:
+                raise ConfigError(f"baselines transfer variant {name!r}: {err}") from None
 
     @classmethod
-    def from_dict(cls: type[C], raw: Mapping[str, Any]) -> C:
-        """Build from a mapping; unknown keys are an error naming the closest valid key."""
-        valid = cls.field_names()
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from a mapping (a preset, a ``config.json``); every key is checked."""
+        load_plugins()
+        valid = [f for f in cls.__dataclass_fields__]
         unknown = [key for key in raw if key not in valid]
         if unknown:
-            listed = ", ".join(f"{key!r}{_closest(key, valid)}" for key in unknown)
-            raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {listed}")
-        return cls(**raw)
+            listed = ", ".join(f"{key!r}{closest(key, valid)}" for key in unknown)
+            raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {listed}; a run config has "
+                              f"{', '.join(valid)}")
+        for required in ("algorithm", "data"):
+            if required not in raw:
+                raise ConfigError(f"the config has no {required!r} section")
+        sections = {name: None if raw.get(name) is None else Section.from_dict(_KIND[name], raw[name])
+                    for name in _KIND if name in raw}
+        return cls(**sections, trainer=TrainerConfig.from_dict(raw.get("trainer", {}), owner="the trainer"),
+                   baselines=None if raw.get("baselines") is None else
+                   BaselinesConfig.from_dict(raw["baselines"], owner="the baselines section"),
+                   **{k: raw[k] for k in ("seed", "device") if k in raw})
 
     @classmethod
-    def from_json(cls: type[C], path: str | Path) -> C:
+    def from_json(cls, path: str | Path) -> RunConfig:
         """Load a JSON file written by :meth:`to_json` (or by hand); errors name the file."""
         try:
             raw = json.loads(Path(path).read_text())
@@ -178,143 +247,36 @@ class TrainerConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON-ready values (tuples become lists)."""
-        return {name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(self).items()}
+        """The config as plain JSON-ready values."""
+        out: dict[str, Any] = {"seed": self.seed, "device": self.device, "trainer": self.trainer.to_dict(),
+                               "data": self.data.to_dict()}
+        if self.model is not None:
+            out["model"] = self.model.to_dict()
+        out["algorithm"] = self.algorithm.to_dict()
+        if self.baselines is not None:
+            out["baselines"] = self.baselines.to_dict()
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def replace(self: C, **changes: Any) -> C:
-        """A copy with ``changes`` applied and checked (unknown names are an error)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied and checked: ``seed``/``device`` values, or option dicts per section.
 
-
-@dataclass(frozen=True)
-class ExperimentConfig(TrainerConfig):
-    """A whole run: what to meta-train (algorithm, tasks, model, inner loop) and how (the outer loop).
-
-    Defaults are MAML's sinusoid regression (Finn et al. 2017, §5.1; cbfinn/maml ``main.py``).
-    The outer-loop fields are those of :class:`TrainerConfig`.
-
-    Args:
-        algorithm: registered algorithm name (``metaopt.registry.algorithm_names()``).
-        dataset: registered dataset name (``metaopt.registry.dataset_names()``).
-        ways: classes per task (classification datasets; ``None`` for regression).
-        shots: support examples per class (per task for regression): the K of K-shot.
-        query: query examples per class (per task for regression) of the meta-training tasks.
-        eval_query: query examples per class of the validation and test tasks (``None``:
-            ``query``); few-shot benchmarks score 15 per class whatever the training query.
-        protocol: class split of the dataset, e.g. ``"maml"`` or ``"vinyals"`` for Omniglot
-            (ignored by generated tasks).
-        model: backbone, ``"mlp"`` or ``"conv4"`` (:mod:`metaopt.models`).
-        hidden: hidden layer sizes of the MLP.
-        filters: channels of each Conv4 convolution (64 Omniglot, 32 miniImageNet).
-        strided: Conv4 down-samples with stride-2 convolutions instead of max-pooling.
-        inner_lr: inner-loop step size α.
-        inner_steps: inner steps during meta-training.
-        eval_inner_steps: inner steps at evaluation (``None``: ``inner_steps``).
-        first_order: drop second-order terms of the meta-gradient (first-order MAML).
-        checkpoint_steps: recompute each second-order inner step in the meta-backward instead of
-            storing its activations (memory no longer grows with the inner steps; loop strategy).
-        adapt: parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or
-            comma-separated parameter names.
-        strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"`` (:mod:`metaopt.inner`).
-        bn_policy: batch-norm policy, ``"batch"``, ``"frozen"`` or ``"running"`` (:mod:`metaopt.batchnorm`).
-        msl_epochs: MAML++ multi-step loss annealed over this many epochs (``None``: off).
-        second_order_from_epoch: MAML++ derivative-order annealing: first-order before this
-            epoch (``None``: off).
-        per_step_bn_stats: MAML++ per-step batch-norm running statistics (BNRS).
-        per_step_bn_weights: MAML++ per-step batch-norm weights and biases (BNWB).
-        per_step_lr: MAML++ learned per-layer per-step learning rates, starting at ``inner_lr`` (LSLR).
-        metasgd_init: Meta-SGD's initial step sizes: ``"uniform"`` in [0.005, 0.1] (the paper)
-            or ``"constant"`` (every entry ``inner_lr``, as learn2learn).
-        mtnet_mask: MT-net's mask logits: ``"unit"`` (one per output unit, the paper's) or
-            ``"weight"`` (one per weight entry); algorithm ``"tnet"`` has none.
-        arml_vertices: ARML's meta-knowledge graph vertices.
-        arml_sigma: ARML's prototype-to-vertex Gaussian bandwidth.
-        arml_loss_weight: ARML's weight μ of the two reconstruction losses.
-        metalstm_bn_momentum: the Ravi & Larochelle learner's batch-norm momentum (0.9 for
-            1-shot, 0.95 for 5-shot; eps is 1e-3).
-        meta_batch: tasks per meta-batch.
-        seed: fixes the model's initialisation and the task streams; train, validation and
-            test tasks use the distinct seeds ``3·seed``, ``3·seed + 1`` and ``3·seed + 2``.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        data_root: folder holding the datasets, one sub-folder each (``data_root/omniglot``);
-            ``None``: ``$METAOPT_DATA``. Unused by generated tasks such as sinusoid.
-    """
-
-    algorithm: str = "maml"
-    dataset: str = "sinusoid"
-    ways: int | None = None
-    shots: int = 10
-    query: int = 10
-    eval_query: int | None = None
-    protocol: str = "maml"
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (40, 40)
-    filters: int = 64
-    strided: bool = False
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    eval_inner_steps: int | None = None
-    first_order: bool = False
-    checkpoint_steps: bool = False
-    adapt: str = "all"
-    strategy: str = "auto"
-    bn_policy: str = "batch"
-    msl_epochs: int | None = None
-    second_order_from_epoch: int | None = None
-    per_step_bn_stats: bool = False
-    per_step_bn_weights: bool = False
-    per_step_lr: bool = False
-    metasgd_init: str = "uniform"
-    mtnet_mask: str = "unit"
-    arml_vertices: int = 4
-    arml_sigma: float = 8.0
-    arml_loss_weight: float = 0.01
-    metalstm_bn_momentum: float = 0.9
-    meta_batch: int = 25
-    seed: int = 0
-    device: str = "auto"
-    data_root: str | None = None
-
-    def _check(self) -> None:
-        super()._check()
-        positive = ("ways", "shots", "query", "eval_query", "filters", "inner_lr", "inner_steps", "eval_inner_steps",
-                    "meta_batch", "msl_epochs", "arml_vertices", "arml_sigma")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"config field {name!r} must be > 0, got {value}")
-        if any(size < 1 for size in self.hidden):
-            raise ConfigError(f"config field 'hidden' must hold layer sizes >= 1, got {list(self.hidden)}")
-        if self.seed < 0:
-            raise ConfigError(f"config field 'seed' must be >= 0, got {self.seed}")
-        for name in ("algorithm", "dataset", "adapt"):
-            if not getattr(self, name).strip():
-                raise ConfigError(f"config field {name!r} must not be empty")
-        self._check_choice("model", MODELS)
-        self._check_choice("strategy", STRATEGIES)
-        self._check_choice("bn_policy", tuple(p.value for p in BatchNormPolicy))
-        self._check_choice("metasgd_init", METASGD_INITS)
-        self._check_choice("mtnet_mask", MTNET_MASKS)
-        if self.arml_loss_weight < 0:
-            raise ConfigError(f"config field 'arml_loss_weight' must be >= 0, got {self.arml_loss_weight}")
-        if self.second_order_from_epoch is not None and self.second_order_from_epoch < 0:
-            raise ConfigError("config field 'second_order_from_epoch' must be >= 0, got "
-                              f"{self.second_order_from_epoch}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as err:
-                raise ConfigError(f"config field 'device' must be 'auto' or a torch device such as 'cpu' or "
-                                  f"'cuda:0', got {self.device!r}") from err
-
-    def adapt_spec(self) -> str | list[str]:
-        """``adapt`` as :class:`metaopt.meta_learner.MetaLearner` takes it: ``"all"``, ``"head"`` or names."""
-        if self.adapt in ("all", "head"):
-            return self.adapt
-        return [name.strip() for name in self.adapt.split(",") if name.strip()]
+        Options given for a section update it; a section given with another ``name`` replaces it
+        (that part with its defaults and the options given). Example:
+        ``config.replace(trainer={"iterations": 10}, algorithm={"inner_lr": 0.1})``.
+        """
+        raw = self.to_dict()
+        for key, value in changes.items():
+            current = raw.get(key)
+            swapped = isinstance(value, Mapping) and isinstance(current, dict) and "name" in current \
+                and value.get("name", current["name"]) != current["name"]
+            if isinstance(value, Mapping) and isinstance(current, dict) and not swapped:
+                raw[key] = {**current, **value}
+            else:
+                raw[key] = value
+        return RunConfig.from_dict(raw)
 
 
 def preset_names() -> list[str]:
@@ -323,13 +285,13 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 
-def load_preset(name: str) -> ExperimentConfig:
-    """The :class:`ExperimentConfig` of preset ``name``; unknown names suggest the closest preset."""
+def load_preset(name: str) -> RunConfig:
+    """The :class:`RunConfig` of preset ``name``; unknown names suggest the closest preset."""
     names = preset_names()
     if name not in names:
-        raise ConfigError(f"unknown preset {name!r}{_closest(name, names)}; presets: {names}")
+        raise ConfigError(f"unknown preset {name!r}{closest(name, names)}; presets: {names}")
     raw = json.loads(resources.files("metaopt.presets").joinpath(f"{name}.json").read_text())
     try:
-        return ExperimentConfig.from_dict(raw)
+        return RunConfig.from_dict(raw)
     except ConfigError as err:
         raise ConfigError(f"preset {name!r}: {err}") from None

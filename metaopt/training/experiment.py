@@ -1,68 +1,47 @@
 """From a config to a finished run: build the parts, meta-train, evaluate, record the results.
 
-The algorithm and the task family are looked up by name in :mod:`metaopt.registry`, which the
-plugin packages ``metaopt.algorithms`` and ``metaopt.datasets`` fill when
-:func:`load_plugins` imports them; the backbone's input and output sizes are read off a sample
-meta-batch. Train, validation and test tasks come from the same builder with distinct seeds
-(:func:`split_seed`).
+The algorithm, the dataset and the model are looked up by name in :mod:`metaopt.registry`
+(:func:`metaopt.registry.load_plugins` imports the plugin packages); the model's input and output
+sizes are read off a sample batch of the training problems. Train, validation and test problems
+come from the same dataset builder, each split with its own seeded stream.
+
+At the end of a run the best checkpoint is scored on the test problems (``final.json``). A
+learned optimizer is also compared there with tuned ``torch.optim`` baselines
+(:mod:`metaopt.evaluation.tuned_baselines`); ``metaopt eval`` repeats either evaluation.
 
 Example:
-    >>> config = ExperimentConfig(shots=5, hidden=(8,), meta_batch=2)
+    >>> from metaopt.training.config import load_preset
+    >>> config = load_preset("maml-sinusoid-5shot").replace(model={"hidden": [8]})
     >>> experiment = build_experiment(config)
-    >>> type(experiment.algorithm).__name__, experiment.test_tasks.seed
+    >>> type(experiment.learner).__name__, experiment.problems("test").seed
     ('MAML', 2)
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from metaopt.checkpoint import CheckpointError, load_checkpoint, load_module_state, write_json
-from metaopt.config import ConfigError, ExperimentConfig
-from metaopt.episode import Episode
-from metaopt.evaluation import EvalResult, evaluate
-from metaopt.meta_learner import MetaLearner
-from metaopt.models import MLP, Conv4
-from metaopt.registry import algorithm_builder, dataset_builder
-from metaopt.sampling import TaskSampler
-from metaopt.trainer import MetaTrainer
+from metaopt.engine.learner import Learner
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.estimators import Backprop, Estimator
+from metaopt.evaluation.evaluate import EvalResult, evaluate
+from metaopt.evaluation.tuned_baselines import compare_with_baselines
+from metaopt.registry import BuildContext
+from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state, write_json
+from metaopt.training.config import RunConfig
+from metaopt.training.legacy import convert_state, read_run_config
+from metaopt.training.trainer import MetaTrainer
 
-__all__ = [
-    "SPLITS",
-    "Experiment",
-    "build_experiment",
-    "build_model",
-    "default_run_dir",
-    "evaluate_run",
-    "load_plugins",
-    "resolve_device",
-    "split_seed",
-    "train",
-]
+__all__ = ["SPLITS", "Experiment", "build_experiment", "default_run_dir", "evaluate_run", "load_learner",
+           "resolve_device", "train"]
 
 SPLITS = ("train", "val", "test")
-
-
-def load_plugins() -> None:
-    """Import the packages that register algorithms and datasets (core never imports them statically)."""
-    for package in ("metaopt.algorithms", "metaopt.datasets"):
-        importlib.import_module(package)
-
-
-def split_seed(seed: int, split: str) -> int:
-    """Seed of the ``split`` task stream: ``3·seed + {train: 0, val: 1, test: 2}`` (distinct for all seeds)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    return 3 * seed + SPLITS.index(split)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,66 +51,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: ExperimentConfig, example: Episode) -> nn.Module:
-    """The backbone ``config.model`` sized for the inputs and targets of a sample meta-batch."""
-    features = tuple(example.support_x.shape[2:])
-    outputs = example.ways if example.is_classification else example.query_y.shape[-1]
-    if config.model == "mlp":
-        if len(features) != 1:
-            raise ConfigError(f"model 'mlp' takes vectors, but dataset {config.dataset!r} gives examples of shape "
-                              f"{features}; use model 'conv4'")
-        return MLP(features[0], outputs, hidden=config.hidden)
-    if len(features) != 3 or features[1] != features[2]:
-        raise ConfigError(f"model 'conv4' takes square images [channels, side, side], but dataset "
-                          f"{config.dataset!r} gives examples of shape {features}; use model 'mlp'")
-    return Conv4(features[0], outputs, hidden=config.filters, image_size=features[1], strided=config.strided)
-
-
-@dataclass(frozen=True)
 class Experiment:
-    """The parts of a run, built from its config."""
+    """The parts of a run, built from its config: learner, estimator, problem sources, device.
 
-    config: ExperimentConfig
-    algorithm: MetaLearner
-    train_tasks: TaskSampler
-    val_tasks: TaskSampler
-    test_tasks: TaskSampler
-    device: torch.device
+    The problem sources of the splits are built when first asked for (:meth:`problems`).
+    """
 
-    def tasks(self, split: str) -> TaskSampler:
-        """The task sampler of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
-        return {"train": self.train_tasks, "val": self.val_tasks, "test": self.test_tasks}[split]
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._problems: dict[str, Any] = {}
+        example = self.problems("train").batch(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = None if config.model is None else config.model.entry.build(config.model.options, example)
+            built = config.algorithm.entry.build(config.algorithm.options, BuildContext(model, example))
+        learner, estimator = built if isinstance(built, tuple) else (built, Backprop())
+        self.learner: Learner = learner.to(self.device)
+        self.estimator: Estimator = estimator
+
+    def problems(self, split: str, data: Any = None) -> Any:
+        """The problem source of ``split`` (``"train"``, ``"val"`` or ``"test"``), of ``data`` (default: the run's)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        data = self.config.data if data is None else data
+        key = f"{split}:{data.to_dict()}"
+        if key not in self._problems:
+            self._problems[key] = data.entry.build(data.options, split, self.config.seed)
+        return self._problems[key]
 
 
-def _registered(lookup: Any, field: str, name: str) -> Any:
-    try:
-        return lookup(name)
-    except ValueError as err:
-        raise ConfigError(f"config field {field!r}: {err}") from None
-
-
-def build_experiment(config: ExperimentConfig) -> Experiment:
-    """Build task samplers, model and algorithm; their initial values depend on ``config.seed`` only.
+def build_experiment(config: RunConfig) -> Experiment:
+    """Build the learner, its estimator and the training problems; initial values depend on ``config.seed`` only.
 
     The global random generators are left as they were.
     """
-    load_plugins()
-    build_tasks = _registered(dataset_builder, "dataset", config.dataset)
-    build_algorithm = _registered(algorithm_builder, "algorithm", config.algorithm)
-    train_tasks, val_tasks, test_tasks = (build_tasks(config, split, split_seed(config.seed, split))
-                                          for split in SPLITS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        algorithm = build_algorithm(build_model(config, train_tasks.batch(0)), config)
-    device = resolve_device(config.device)
-    algorithm = algorithm.to(device)
-    return Experiment(config, algorithm, train_tasks, val_tasks, test_tasks, device)
+    return Experiment(config)
 
 
-def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path:
-    """A fresh, readable run folder, e.g. ``runs/maml-sinusoid-10shot-20240131-142502``."""
-    shape = f"{config.ways}w{config.shots}s" if config.ways else f"{config.shots}shot"
-    name = f"{'fo' if config.first_order else ''}{config.algorithm}-{config.dataset}-{shape}"
+def default_run_dir(config: RunConfig, root: str | Path = "runs") -> Path:
+    """A fresh, readable run folder, e.g. ``runs/fomaml-omniglot-5w1s-20240131-142502``, ``runs/l2l-quadratics-...``."""
+    algorithm, data = config.algorithm.options.to_dict(), config.data.options.to_dict()
+    name = f"{'fo' if algorithm.get('first_order') else ''}{config.algorithm.name}-{config.data.name}"
+    if "shots" in data:
+        name += f"-{data['ways']}w{data['shots']}s" if "ways" in data else f"-{data['shots']}shot"
     base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, n = base, 1
     while path.exists():
@@ -145,23 +108,44 @@ def _seed_global_generators(seed: int) -> None:
     random.seed(seed)
 
 
-def _evaluate_checkpoint(experiment: Experiment, path: Path, split: str, episodes: int | None,
-                         steps: int | None) -> tuple[EvalResult, dict[str, Any]]:
-    state = load_checkpoint(path, required=("algorithm", "model", "iteration"))
-    ours = type(experiment.algorithm).__name__
+def _load_weights(experiment: Experiment, path: Path) -> dict[str, Any]:
+    state = convert_state(load_checkpoint(path, required=("algorithm", "model", "iteration")), experiment.learner)
+    ours = type(experiment.learner).__name__
     if state["algorithm"] != ours:
         raise CheckpointError(f"checkpoint {path} holds a {state['algorithm']} learner, but the run's config builds "
                               f"{ours}; evaluate it with the config of its run")
-    load_module_state(experiment.algorithm, state["model"], path)
-    result = evaluate(experiment.algorithm, experiment.tasks(split), episodes or experiment.config.eval_episodes,
-                      steps=steps, device=experiment.device)
+    load_module_state(experiment.learner, state["model"], path)
+    return state
+
+
+def _evaluate_checkpoint(experiment: Experiment, path: Path, split: str, episodes: int | None,
+                         steps: int | None) -> tuple[EvalResult, dict[str, Any]]:
+    state = _load_weights(experiment, path)
+    trainer = experiment.config.trainer
+    count = episodes or (trainer.test_episodes if split == "test" else None) or trainer.eval_episodes
+    result = evaluate(experiment.learner, experiment.problems(split), count, steps=steps, device=experiment.device)
     record = {"result": result.to_dict(), "summary": str(result), "split": split, "checkpoint": path.name,
               "checkpoint_iteration": int(state["iteration"])}
+    if isinstance(experiment.learner, OptimizerLearner):
+        record["baselines"] = _baselines(experiment, split, count, steps, path.parent)
     return result, record
 
 
-def train(config: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Meta-train as ``config`` says, then score the best checkpoint on the test tasks.
+def _baselines(experiment: Experiment, split: str, count: int, steps: int | None, run_dir: Path) -> dict[str, Any]:
+    """The learned optimizer against tuned baselines on ``count`` problems of ``split``, and its transfer variants."""
+    config = experiment.config
+    settings = config.baselines.to_dict() if config.baselines is not None else {}
+    variants = {config.data.name: config.data,
+                **{f"transfer: {name}": config.data.replace(**change)
+                   for name, change in settings.pop("transfer", {}).items()}}
+    return compare_with_baselines(experiment.learner, {title: (experiment.problems(split, data),
+                                                               experiment.problems("val", data))
+                                                       for title, data in variants.items()},
+                                  count, steps, run_dir / "baselines.png", **settings)
+
+
+def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Meta-train as ``config`` says, then score the best checkpoint on the test problems.
 
     A fresh run seeds the global random generators with ``config.seed``; a resumed one
     restores them from ``run_dir/last.pt``. The test result is written atomically to
@@ -174,15 +158,16 @@ def train(config: ExperimentConfig, run_dir: str | Path | None = None, resume: b
 
     Returns:
         The content of ``final.json``: the test ``result`` (dict and ``summary`` string), the
-        checkpoint it used, and the trainer's ``train`` summary (:meth:`MetaTrainer.fit`: final
-        iteration, ``stopped_by`` iterations or time budget, training and total wall time).
+        checkpoint it used, for learned optimizers the ``baselines`` comparison, and the trainer's
+        ``train`` summary (:meth:`MetaTrainer.fit`: final iteration, ``stopped_by`` iterations or
+        time budget, training and total wall time).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     if not resume:
         _seed_global_generators(config.seed)
     experiment = build_experiment(config)
-    trainer = MetaTrainer(experiment.algorithm, experiment.train_tasks, config, val_tasks=experiment.val_tasks,
-                          run_dir=run_dir, device=experiment.device)
+    trainer = MetaTrainer(experiment.learner, experiment.problems("train"), config, estimator=experiment.estimator,
+                          val_problems=experiment.problems("val"), run_dir=run_dir, device=experiment.device)
     summary = trainer.fit(resume=resume)
     best = run_dir / "best.pt"
     _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test", None, None)
@@ -192,20 +177,39 @@ def train(config: ExperimentConfig, run_dir: str | Path | None = None, resume: b
 
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", episodes: int | None = None, steps: int | None = None,
-                 split: str = "test") -> EvalResult:
-    """Evaluate checkpoint ``best`` or ``last`` of a run and write the result to ``run_dir/eval.json``.
+                 split: str = "test") -> dict[str, Any]:
+    """Evaluate checkpoint ``best`` or ``last`` of a run and write the record to ``run_dir/eval.json``.
 
     Args:
         run_dir: a run folder written by :func:`train`.
         checkpoint: ``"best"`` (best validation figure) or ``"last"``.
-        episodes: tasks to evaluate on (default: the run's ``eval_episodes``).
-        steps: inner steps (default: the run's ``eval_inner_steps``).
-        split: ``"test"`` or ``"val"`` tasks.
+        episodes: problems to evaluate on (default: the run's ``test_episodes`` for the test split,
+            else its ``eval_episodes``).
+        steps: inner steps (default: the learner's evaluation steps).
+        split: ``"test"`` or ``"val"`` problems.
+
+    Returns:
+        The record written: ``result`` and ``summary``, and for learned optimizers ``baselines``
+        with its ``table``.
     """
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     run_dir = Path(run_dir)
-    experiment = build_experiment(ExperimentConfig.from_json(run_dir / "config.json"))
-    result, record = _evaluate_checkpoint(experiment, run_dir / f"{checkpoint}.pt", split, episodes, steps)
+    experiment = build_experiment(read_run_config(run_dir / "config.json"))
+    _, record = _evaluate_checkpoint(experiment, run_dir / f"{checkpoint}.pt", split, episodes, steps)
     write_json(run_dir / "eval.json", record)
-    return result
+    return record
+
+
+def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learner:
+    """The learner of a run's checkpoint (``best.pt`` or ``last.pt``) with its weights, built from the run's config.
+
+    The config comes from the checkpoint itself, or from the ``config.json`` beside a checkpoint
+    written before checkpoints carried their config.
+    """
+    path = Path(path)
+    state = load_checkpoint(path, required=("algorithm", "model"))
+    config = RunConfig.from_dict(state["config"]) if "config" in state else read_run_config(path.parent / "config.json")
+    experiment = build_experiment(config.replace(device=str(device)))
+    _load_weights(experiment, path)
+    return experiment.learner

@@ -30,7 +30,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from metaopt.checkpoint import write_text
+from metaopt.training.checkpoint import write_text
 
 __all__ = ["METRICS_FILE", "RunLogger", "read_metrics", "truncate_metrics"]
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from metaopt.algorithms import ARML, MAML, build_arml
-from metaopt.algorithms.arml import GRUAutoencoder, KnowledgeGraph, embedding_network
-from metaopt.config import ConfigError, ExperimentConfig, load_preset
-from metaopt.episode import Episode
-from tests.helpers import meta_grads, tiny_convnet, tiny_mlp, toy_classification_batch
+from metaopt.algorithms import ARML, MAML
+from metaopt.algorithms.arml import ARMLOptions, GatedInitialisation, GRUAutoencoder, KnowledgeGraph, embedding_network
+from metaopt.options import ConfigError
+from metaopt.problems.episode import Episode, EpisodeTask, default_loss
+from metaopt.registry import BuildContext, entry
+from metaopt.training.config import Section, load_preset
+from tests.helpers import meta_grads, tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch
 
 SMALL = {"input_shape": (1, 8, 8), "embedding_dim": 16, "task_dim": 8}
 
@@ -26,7 +28,7 @@ def _arml(ways: int = 3, **kwargs: object) -> ARML:
 def _fix_gates(learner: ARML, bias: float | dict[str, torch.Tensor]) -> None:
     """Gate layers with zero weights: every task's gate is ``sigmoid(bias)`` whatever the support set."""
     with torch.no_grad():
-        for name, gate in learner.gates.items():
+        for name, gate in learner.initialiser.gates.items():
             gate.weight.zero_()
             gate.bias.copy_(bias[name] if isinstance(bias, dict) else torch.full_like(gate.bias, bias))
 
@@ -78,16 +80,17 @@ def _reference_adjacency(graph: KnowledgeGraph, prototypes: torch.Tensor) -> tor
 def _reference_modulation(learner: ARML, params: dict, support_x: torch.Tensor, support_y: torch.Tensor,
                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Gated θ_0, L_t and L_q of one task, from class means, the loop-built graph and torch.nn.GRU."""
-    embedded = learner.embedding(support_x)
-    prototypes = torch.stack([embedded[support_y == c].mean(0) for c in range(learner.ways)])
-    q, loss_q = _reference_autoencoder(learner.prototype_aggregator,
-                                       torch.cat([prototypes, torch.eye(learner.ways, dtype=prototypes.dtype)], 1))
-    nodes = torch.cat([prototypes, learner.graph.vertices])
-    enriched = torch.tanh(_reference_adjacency(learner.graph, prototypes) @ nodes @ learner.graph.propagate.weight.T)
-    t, loss_t = _reference_autoencoder(learner.enriched_aggregator, enriched[:learner.ways])
+    parts = learner.initialiser
+    embedded = parts.embedding(support_x)
+    prototypes = torch.stack([embedded[support_y == c].mean(0) for c in range(parts.ways)])
+    q, loss_q = _reference_autoencoder(parts.prototype_aggregator,
+                                       torch.cat([prototypes, torch.eye(parts.ways, dtype=prototypes.dtype)], 1))
+    nodes = torch.cat([prototypes, parts.graph.vertices])
+    enriched = torch.tanh(_reference_adjacency(parts.graph, prototypes) @ nodes @ parts.graph.propagate.weight.T)
+    t, loss_t = _reference_autoencoder(parts.enriched_aggregator, enriched[:parts.ways])
     gated = {}
     for name, p in params.items():
-        gate = learner.gates[name.replace(".", "-")]
+        gate = parts.gates[name.replace(".", "-")]
         gated[name] = p * torch.sigmoid(gate.weight @ torch.cat([t, q]) + gate.bias).reshape(-1, *[1] * (p.dim() - 1))
     return gated, loss_t, loss_q
 
@@ -123,7 +126,8 @@ def test_per_channel_gates_scale_the_initialisation_of_maml() -> None:
     """Fixed gates g (one per output channel): ARML is MAML from g ∘ θ_0, and dL/dθ_0 = g ∘ MAML's gradient."""
     batch = toy_classification_batch()
     learner = _arml(loss_weight=0.0)
-    biases = {name: torch.randn(gate.bias.shape, dtype=torch.float64) for name, gate in learner.gates.items()}
+    biases = {name: torch.randn(gate.bias.shape, dtype=torch.float64)
+              for name, gate in learner.initialiser.gates.items()}
     _fix_gates(learner, biases)
     gates = {name: torch.sigmoid(biases[name.replace(".", "-")]) for name, _ in learner.model.named_parameters()}
     scaled = tiny_convnet()
@@ -147,13 +151,15 @@ def test_per_channel_gates_scale_the_initialisation_of_maml() -> None:
 @pytest.mark.parametrize("ways", [2, 3, 5])
 def test_shapes_and_modulation_match_a_loop_built_oracle(ways: int) -> None:
     learner = _arml(ways)
+    parts = learner.initialiser
+    assert isinstance(parts, GatedInitialisation)
     params = dict(learner.model.named_parameters())
-    assert set(learner.gates) == {name.replace(".", "-") for name in params}
+    assert set(parts.gates) == {name.replace(".", "-") for name in params}
     for name, p in params.items():
-        gate = learner.gates[name.replace(".", "-")]
+        gate = parts.gates[name.replace(".", "-")]
         assert (gate.in_features, gate.out_features) == (2 * 8, p.shape[0]), name
     episode = toy_classification_batch(tasks=1, ways=ways)[0]
-    gated, extra = learner.modulate(params, episode.support_x, episode.support_y)
+    gated, extra = parts(params, EpisodeTask(learner.model, default_loss, *episode.tensors()))
     assert {k: v.shape for k, v in gated.items()} == {k: v.shape for k, v in params.items()}
     with torch.no_grad():
         expected, loss_t, loss_q = _reference_modulation(learner, params, episode.support_x, episode.support_y)
@@ -162,13 +168,13 @@ def test_shapes_and_modulation_match_a_loop_built_oracle(ways: int) -> None:
         assert not torch.equal(gated[name], params[name]), name
     torch.testing.assert_close(extra, 0.01 * (loss_t + loss_q), rtol=1e-10, atol=0)
     prototypes = torch.randn(ways, 16, dtype=torch.float64)
-    out = learner.graph(prototypes)
+    out = parts.graph(prototypes)
     assert out.shape == (ways, 16)
-    adjacency = _reference_adjacency(learner.graph, prototypes)
+    adjacency = _reference_adjacency(parts.graph, prototypes)
     assert adjacency.shape == (ways + 4, ways + 4) and (adjacency > 0).all()
     torch.testing.assert_close(adjacency.sum(1), torch.ones(ways + 4, dtype=torch.float64))
-    nodes = torch.cat([prototypes, learner.graph.vertices])
-    torch.testing.assert_close(out, torch.tanh(adjacency @ nodes @ learner.graph.propagate.weight.T)[:ways])
+    nodes = torch.cat([prototypes, parts.graph.vertices])
+    torch.testing.assert_close(out, torch.tanh(adjacency @ nodes @ parts.graph.propagate.weight.T)[:ways])
 
 
 def test_meta_gradients_reach_every_arml_component() -> None:
@@ -184,9 +190,9 @@ def test_meta_gradients_reach_every_arml_component() -> None:
             nonzero.append(f"{module}.{part}.weight")
     # (graph.vertex_edges only shapes the vertex rows, which the single propagation layer drops: zero gradient)
     for name in nonzero:
-        assert learner.get_parameter(name).grad.abs().sum() > 0, name
-    assert all(p.grad.abs().sum() > 0 for p in learner.embedding.parameters())
-    assert all(gate.weight.grad.abs().sum() > 0 for gate in learner.gates.values())
+        assert learner.get_parameter(f"initialiser.{name}").grad.abs().sum() > 0, name
+    assert all(p.grad.abs().sum() > 0 for p in learner.initialiser.embedding.parameters())
+    assert all(gate.weight.grad.abs().sum() > 0 for gate in learner.initialiser.gates.values())
 
 
 def test_gru_equals_torch_gru() -> None:
@@ -215,7 +221,7 @@ def test_loop_and_vmap_agree() -> None:
 
 
 def test_invalid_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="driver='func'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'driver'"):  # torch.func only
         ARML(tiny_convnet(), ways=3, input_shape=(1, 8, 8), driver="higher")
     with pytest.raises(ValueError, match="ways >= 2"):
         ARML(tiny_convnet(ways=1), ways=1, input_shape=(1, 8, 8))
@@ -225,36 +231,54 @@ def test_invalid_options_are_refused() -> None:
         KnowledgeGraph(16, vertices=0)
 
 
-def test_config_builder_needs_a_classification_config() -> None:
+ARML_OPTIONS = ("adapt", "first_order", "checkpoint_steps", "inner_steps", "eval_inner_steps", "strategy", "bn_policy",
+                "inner_lr", "vertices", "sigma", "loss_weight", "embedding_dim", "task_dim")
+
+
+def test_registered_builder_needs_classification_tasks_and_refuses_other_options() -> None:
+    found = entry("algorithm", "arml")
+    assert found.options is ARMLOptions and tuple(ARMLOptions.field_names()) == ARML_OPTIONS
     with pytest.raises(ConfigError, match="ways"):
-        build_arml(tiny_mlp(), ExperimentConfig())
-    config = ExperimentConfig(ways=3, shots=2, inner_lr=0.3, inner_steps=2, arml_vertices=3, arml_sigma=2.0,
-                              arml_loss_weight=0.5)
-    learner = build_arml(tiny_convnet().float(), config)
-    assert isinstance(learner, ARML) and learner.ways == 3 and learner.loss_weight == 0.5
-    assert learner.inner_steps == 2 and learner.rule.lr.item() == pytest.approx(0.3)
-    assert tuple(learner.graph.vertices.shape) == (3, 64) and learner.graph.sigma == 2.0
-    assert learner.embedding[0][0].in_channels == 1
-    loss, _ = learner.meta_loss(toy_classification_batch(tasks=2, dtype=torch.float32))
+        found.build(ARMLOptions(), BuildContext(tiny_mlp(), toy_regression_batch()))
+    options = ARMLOptions(inner_lr=0.3, inner_steps=2, vertices=3, sigma=2.0, loss_weight=0.5)
+    batch = toy_classification_batch(tasks=2, dtype=torch.float32)
+    learner = found.build(options, BuildContext(tiny_convnet().float(), batch))
+    parts = learner.initialiser
+    assert isinstance(learner, ARML) and parts.ways == 3 and parts.loss_weight == 0.5
+    assert learner.inner_steps == 2 and learner.rule.lr == 0.3
+    assert tuple(parts.graph.vertices.shape) == (3, 64) and parts.graph.sigma == 2.0
+    assert parts.embedding[0][0].in_channels == 1
+    loss, _ = learner.meta_loss(batch)
     assert torch.isfinite(loss)
-    vectors = build_arml(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), config)
-    assert vectors.embedding[0].in_features == 4
     x = torch.randn(1, 12, 4)
     y = torch.arange(3).repeat(4)[None]
-    assert torch.isfinite(vectors.meta_loss(Episode(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:], batched=True))[0])
+    vector_batch = Episode(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:], batched=True)
+    vectors = found.build(options, BuildContext(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+                                                vector_batch))
+    assert vectors.initialiser.embedding[0].in_features == 4
+    assert torch.isfinite(vectors.meta_loss(vector_batch)[0])
+    listed = ", ".join(ARML_OPTIONS)
+    for option in ("arml_vertices", "mask", "driver"):
+        with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                              rf"algorithm 'arml'; its options are {listed}$"):
+            Section.from_dict("algorithm", {"name": "arml", option: 1})
+    with pytest.raises(ConfigError, match="'loss_weight' must be >= 0"):
+        ARMLOptions(loss_weight=-0.1)
 
 
 @pytest.mark.parametrize(("name", "shots"), [("arml-miniimagenet-5w1s", 1), ("arml-miniimagenet-5w5s", 5)])
 def test_miniimagenet_presets(name: str, shots: int) -> None:
     config = load_preset(name)
-    assert config.algorithm == "arml" and config.dataset == "miniimagenet" and not config.first_order
-    assert (config.ways, config.shots, config.inner_steps, config.eval_inner_steps, config.inner_lr,
-            config.meta_batch, config.query) == (5, shots, 5, 20, 0.01, 4, 10)
-    assert (config.arml_vertices, config.arml_sigma, config.arml_loss_weight) == (4, 8.0, 0.01)
+    algorithm, data = config.algorithm.options, config.data.options
+    assert config.algorithm.name == "arml" and config.data.name == "miniimagenet" and not algorithm.first_order
+    assert (data.ways, data.shots, algorithm.inner_steps, algorithm.eval_inner_steps, algorithm.inner_lr,
+            data.meta_batch, data.query) == (5, shots, 5, 20, 0.01, 4, 10)
+    assert (algorithm.vertices, algorithm.sigma, algorithm.loss_weight) == (4, 8.0, 0.01)
 
 
 def test_omniglot_preset() -> None:
     config = load_preset("arml-omniglot-5w1s")
-    assert config.algorithm == "arml" and config.dataset == "omniglot"
-    assert (config.ways, config.shots, config.inner_lr, config.inner_steps) == (5, 1, 0.4, 1)
-    assert (config.arml_vertices, config.arml_sigma, config.arml_loss_weight) == (4, 8.0, 0.01)
+    algorithm, data = config.algorithm.options, config.data.options
+    assert config.algorithm.name == "arml" and config.data.name == "omniglot"
+    assert (data.ways, data.shots, algorithm.inner_lr, algorithm.inner_steps) == (5, 1, 0.4, 1)
+    assert (algorithm.vertices, algorithm.sigma, algorithm.loss_weight) == (4, 8.0, 0.01)

@@ -5,15 +5,28 @@ from __future__ import annotations
 import copy
 import functools
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
-from metaopt.algorithms.lstm_optimizer import LearnedOptimizer, LSTMOptimizerRule
-from metaopt.checkpoint import CheckpointError, save_checkpoint
-from metaopt.coordinatewise import LSTMState, preprocess
-from metaopt.learned_training import LearnedOptimizerTrainer, run_optimizer, truncated_unroll
-from metaopt.optimizees import Quadratics
+from metaopt.algorithms.lstm_optimizer import L2LOptions, LearnedOptimizer, LSTMOptimizerRule
+from metaopt.datasets.quadratics import Quadratics
+from metaopt.engine.coordinatewise import LSTMState, preprocess
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.engine.rules import StepInfo
+from metaopt.estimators import TruncatedBackprop
+from metaopt.evaluation.tuned_baselines import run_optimizer
+from metaopt.options import ConfigError
+from metaopt.problems.optimizees import optimizee_stream
+from metaopt.registry import BuildContext, entry
+from metaopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metaopt.training.config import RunConfig, Section, load_preset
+from metaopt.training.experiment import build_experiment
+from metaopt.training.trainer import MetaTrainer
+
+#: A metaopt 0.1 LearnedOptimizerTrainer run (config.json and best.pt; see tests/fixtures/legacy/README.md).
+LEGACY_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "legacy" / "l2l-quadratics"
 
 
 class SGDNetwork(LSTMOptimizerRule):
@@ -42,6 +55,11 @@ def plain_loop(opt_factory, problem, steps: int) -> torch.Tensor:
     return theta.detach()
 
 
+def hparams(rule: LSTMOptimizerRule) -> tuple:
+    """The constructor's arguments of ``rule``: preprocessing, p, output_scale, hidden, layers."""
+    return rule.preprocessing, rule.p, rule.output_scale, rule.lstm.hidden, len(rule.lstm.cells)
+
+
 def test_gradients_are_preprocessed_or_fed_raw() -> None:
     grad = torch.tensor([3.0, -1e-6, 0.0, -0.5])
     rule = LSTMOptimizerRule(preprocessing=True)
@@ -64,48 +82,50 @@ def test_meta_gradients_reach_the_lstm_and_the_linear_layer_through_an_unroll() 
     rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
     problem = quadratic()
     params = problem.init_params()
-    meta_loss, _, _, losses = truncated_unroll(rule, problem, params, rule.init(params), start=0, length=4)
-    meta_loss.backward()
-    assert losses.shape == (4,)
+    score, trajectory = OptimizerLearner(rule, horizon=4).truncation(problem, params, None, start=0, steps=4)
+    score.loss.backward()
+    assert score.step_losses.shape == (5,) and len(trajectory.params) == 5  # f(θ_0), ..., f(θ_4)
+    torch.testing.assert_close(score.loss.detach(), score.step_losses[1:].sum())  # the meta-loss: f(θ_1) + ... + f(θ_4)
     for name, p in rule.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_gradients_enter_as_constants_unless_second_derivatives() -> None:
-    theta = torch.randn(5, requires_grad=True)
-    grad = 2 * theta  # depends on θ, as a gradient does
-    first = LSTMOptimizerRule(second_derivatives=False)
-    new, _ = first.step({"w": theta}, {"w": grad}, first.init({"w": theta}), t=0)
-    (jacobian,) = torch.autograd.grad(new["w"].sum(), theta)
-    assert torch.equal(jacobian, torch.ones(5))  # θ + update(constant gradient): identity only
-    second = LSTMOptimizerRule(second_derivatives=True)
-    new, _ = second.step({"w": theta}, {"w": grad}, second.init({"w": theta}), t=0)
-    (jacobian,) = torch.autograd.grad(new["w"].sum(), theta)
-    assert not torch.allclose(jacobian, torch.ones(5))
+    """The rule is pure (it passes d∇/dθ on); the learner's first_order, the paper's choice, makes ∇ a constant."""
+    problem = quadratic()
+    rule = LSTMOptimizerRule()
+    theta = problem.init_params()["theta"].requires_grad_()
+    first = OptimizerLearner(rule, horizon=1, first_order=True).inner.unroll(problem, {"theta": theta}, steps=1)
+    (jacobian,) = torch.autograd.grad(first.params[-1]["theta"].sum(), theta)
+    assert torch.equal(jacobian, torch.ones_like(theta))  # θ + update(constant gradient): identity only
+    second = OptimizerLearner(rule, horizon=1, first_order=False).inner.unroll(problem, {"theta": theta}, steps=1)
+    (jacobian,) = torch.autograd.grad(second.params[-1]["theta"].sum(), theta)
+    assert not torch.allclose(jacobian, torch.ones_like(theta))
 
 
 def test_first_order_meta_gradient_equals_detaching_the_gradients_by_hand() -> None:
     problem = Quadratics(dim=4, batch=3, dtype=torch.float64).sample(seed=0)
-    first = LSTMOptimizerRule(second_derivatives=False).double()
-    second = LSTMOptimizerRule(second_derivatives=True).double()
+    first = OptimizerLearner(LSTMOptimizerRule().double(), horizon=3, first_order=True)
+    second = OptimizerLearner(LSTMOptimizerRule().double(), horizon=3, first_order=False)
     second.load_state_dict(first.state_dict())
     params = problem.init_params()
 
-    meta_loss, *_ = truncated_unroll(first, problem, params, first.init(params), start=0, length=3)
-    ours = torch.autograd.grad(meta_loss, list(first.parameters()))
+    score, _ = first.truncation(problem, params, None, start=0, steps=3)
+    ours = torch.autograd.grad(score.loss, list(first.parameters()))
+    torch.testing.assert_close(first.meta_loss(problem)[0], score.loss)  # a whole run of the horizon is one truncation
 
-    theta, state, by_hand = params["theta"].requires_grad_(), second.init(params), 0
+    theta, state, by_hand = params["theta"].requires_grad_(), second.rule.init(params), 0
     for t in range(3):
         (grad,) = torch.autograd.grad(problem.loss({"theta": theta}, t), theta)  # no graph: a constant
-        new, state = second.step({"theta": theta}, {"theta": grad}, state, t)
+        new, state = second.rule.step({"theta": theta}, {"theta": grad}, state, StepInfo(t))
         theta = new["theta"]
         by_hand = by_hand + problem.loss({"theta": theta}, t + 1)
     expected = torch.autograd.grad(by_hand, list(second.parameters()))
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b)
 
-    meta_loss, *_ = truncated_unroll(second, problem, params, second.init(params), start=0, length=3)
-    full = torch.autograd.grad(meta_loss, list(second.parameters()))
+    score, _ = second.truncation(problem, params, None, start=0, steps=3)
+    full = torch.autograd.grad(score.loss, list(second.parameters()))
     assert not all(torch.allclose(a, b) for a, b in zip(full, expected))
 
 
@@ -113,7 +133,8 @@ def test_a_network_that_outputs_minus_lr_gradient_is_sgd() -> None:
     problem = quadratic()
     rule = SGDNetwork(lr=0.01)
     sgd = functools.partial(torch.optim.SGD, lr=0.01)
-    torch.testing.assert_close(run_optimizer(rule, problem, 10), run_optimizer(sgd, problem, 10), rtol=1e-6, atol=0)
+    torch.testing.assert_close(OptimizerLearner(rule, horizon=10).losses(problem), run_optimizer(sgd, problem, 10),
+                               rtol=1e-6, atol=0)
     torch.testing.assert_close(plain_loop(lambda ps: LearnedOptimizer(ps, rule=rule), problem, 10),
                                plain_loop(sgd, problem, 10), rtol=1e-6, atol=1e-7)
 
@@ -126,7 +147,7 @@ def test_the_torch_optimizer_makes_the_rules_own_steps() -> None:
         theta = params["theta"].requires_grad_()
         (grad,) = torch.autograd.grad(problem.loss({"theta": theta}, t), theta)
         with torch.no_grad():
-            params, state = rule.step({"theta": theta}, {"theta": grad}, state, t)
+            params, state = rule.step({"theta": theta}, {"theta": grad}, state, StepInfo(t))
     assert torch.equal(plain_loop(lambda ps: LearnedOptimizer(ps, rule=rule), problem, 5), params["theta"])
 
 
@@ -173,13 +194,45 @@ def test_state_dict_round_trip_mid_run_continues_identically() -> None:
 
 
 def test_a_trained_rule_loads_from_its_checkpoint(tmp_path) -> None:
+    """OptimizerLearner + TruncatedBackprop + MetaTrainer; best.pt and last.pt hold the trained rule."""
+    config = RunConfig.from_dict({
+        "data": {"name": "quadratics", "dim": 3, "batch": 2},
+        "algorithm": {"name": "l2l", "preprocessing": True, "output_scale": 0.1, "lstm_units": 6, "horizon": 4,
+                      "truncation": 2},
+        "trainer": {"iterations": 4, "eval_every": 100, "eval_episodes": 1, "checkpoint_every": 100, "log_every": 1}})
     rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1, hidden=6)
-    LearnedOptimizerTrainer(rule, Quadratics(dim=3, batch=2), epochs=1, steps=4, unroll=2, val_problems=1,
-                            run_dir=tmp_path).fit()
+    untrained = copy.deepcopy(rule.state_dict())
+    family = Quadratics(dim=3, batch=2)
+    MetaTrainer(OptimizerLearner(rule, horizon=4), optimizee_stream(family, "train", seed=0), config,
+                estimator=TruncatedBackprop(truncation=2), val_problems=optimizee_stream(family, "val", seed=0),
+                run_dir=tmp_path).fit()
+    assert any(not torch.equal(v, untrained[k]) for k, v in rule.state_dict().items())  # it was trained
     model = torch.nn.Linear(2, 1)
-    opt = LearnedOptimizer(model.parameters(), checkpoint=tmp_path / "best.pt")
-    assert opt.rule.hparams == rule.hparams
-    for (name, a), b in zip(opt.rule.state_dict().items(), rule.state_dict().values()):
+    opt = LearnedOptimizer(model.parameters(), checkpoint=tmp_path / "best.pt")  # evaluated at the end only: the last
+    for loaded in (opt.rule, LSTMOptimizerRule.from_checkpoint(tmp_path / "last.pt")):
+        assert hparams(loaded) == hparams(rule) == (True, 10.0, 0.1, 6, 2)
+        assert loaded.state_dict().keys() == rule.state_dict().keys()
+        for (name, a), b in zip(loaded.state_dict().items(), rule.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_a_rule_trained_by_metaopt_0_1_loads_from_its_checkpoint(tmp_path) -> None:
+    """LearnedOptimizerTrainer checkpoints of metaopt 0.1 (rule_class, rule_hparams, rule) still load."""
+    legacy = load_checkpoint(LEGACY_RUN / "best.pt")
+    opt = LearnedOptimizer(torch.nn.Linear(2, 1).parameters(), checkpoint=LEGACY_RUN / "best.pt")
+    assert legacy["rule_hparams"] == {"preprocessing": False, "p": 10.0, "output_scale": 1.0,
+                                      "second_derivatives": False, "hidden": 20, "layers": 2}
+    assert hparams(opt.rule) == (False, 10.0, 1.0, 20, 2)
+    assert opt.rule.state_dict().keys() == legacy["rule"].keys()
+    for name, value in opt.rule.state_dict().items():
+        assert torch.equal(value, legacy["rule"][name]), name
+    rule = LSTMOptimizerRule(preprocessing=True, p=5.0, output_scale=0.1, hidden=6, layers=3).double()
+    save_checkpoint(tmp_path / "best.pt", {"rule_class": "LSTMOptimizerRule", "rule": rule.state_dict(),
+                                           "rule_hparams": {"preprocessing": True, "p": 5.0, "output_scale": 0.1,
+                                                            "second_derivatives": True, "hidden": 6, "layers": 3}})
+    loaded = LSTMOptimizerRule.from_checkpoint(tmp_path / "best.pt")
+    assert hparams(loaded) == (True, 5.0, 0.1, 6, 3) and next(loaded.parameters()).dtype == torch.float64
+    for (name, a), b in zip(loaded.state_dict().items(), rule.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -195,3 +248,40 @@ def test_missing_corrupt_or_foreign_checkpoints_are_named(tmp_path) -> None:
         LearnedOptimizer(params, checkpoint=tmp_path / "other.pt")
     with pytest.raises(ValueError, match="exactly one of them"):
         LearnedOptimizer(params)
+    config = load_preset("maml-sinusoid-5shot").replace(model={"hidden": [8]}, data={"meta_batch": 2}, trainer={
+        "iterations": 1, "eval_every": 100, "checkpoint_every": 100, "log_every": 1})
+    experiment = build_experiment(config)  # a run of another algorithm, in today's format
+    MetaTrainer(experiment.learner, experiment.problems("train"), config, run_dir=tmp_path / "maml").fit()
+    with pytest.raises(CheckpointError, match="holds a _SGD rule, not an LSTMOptimizerRule"):
+        LearnedOptimizer(params, checkpoint=tmp_path / "maml" / "last.pt")
+
+
+L2L_OPTIONS = ("preprocessing", "p", "output_scale", "lstm_units", "lstm_layers", "second_derivatives", "horizon",
+               "truncation")
+
+
+def test_registered_options_build_l2l_and_refuse_others() -> None:
+    """The "l2l" entry builds the learner and its truncated estimator; p without preprocessing is refused."""
+    found = entry("algorithm", "l2l")
+    assert found.options is L2LOptions and found.problems == "optimizees"
+    assert tuple(L2LOptions.field_names()) == L2L_OPTIONS
+    context = BuildContext(None, quadratic())
+    options = L2LOptions(preprocessing=True, output_scale=0.1, lstm_units=6, lstm_layers=3, horizon=8, truncation=4)
+    learner, estimator = found.build(options, context)
+    assert isinstance(learner, OptimizerLearner) and isinstance(estimator, TruncatedBackprop)
+    assert isinstance(learner.rule, LSTMOptimizerRule) and hparams(learner.rule) == (True, 10.0, 0.1, 6, 3)
+    assert (learner.horizon, learner.eval_steps, estimator.truncation, learner.inner.first_order) == (8, 8, 4, True)
+    second, _ = found.build(L2LOptions(preprocessing=True, p=5.0, second_derivatives=True), context)
+    assert second.rule.p == 5.0 and not second.inner.first_order
+    default, estimator = found.build(L2LOptions(), context)
+    assert hparams(default.rule) == (False, 10.0, 1.0, 20, 2) and (default.horizon, estimator.truncation) == (100, 20)
+    with pytest.raises(ConfigError, match="option 'p' is the constant of the gradient preprocessing; it does nothing "
+                                          "without preprocessing=True"):
+        Section.from_dict("algorithm", {"name": "l2l", "p": 5.0})
+    with pytest.raises(ConfigError, match=r"option 'truncation' \(30\) must not exceed the horizon \(20\)"):
+        L2LOptions(horizon=20, truncation=30)
+    listed = ", ".join(L2L_OPTIONS)
+    for option in ("hidden", "inner_lr", "unroll"):
+        with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                              rf"algorithm 'l2l'; its options are {listed}$"):
+            Section.from_dict("algorithm", {"name": "l2l", option: 1})

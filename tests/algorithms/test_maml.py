@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from metaopt.algorithms import MAML
-from metaopt.episode import Episode
+from metaopt.algorithms.maml import MAMLOptions
+from metaopt.engine.higher_driver import HigherRule
 from metaopt.models import MLP
+from metaopt.options import ConfigError
+from metaopt.problems.episode import Episode
+from metaopt.registry import BuildContext, entry
+from metaopt.training.config import Section
 from tests.helpers import meta_grads, sinusoid_mse_before_and_after, tiny_convnet, toy_classification_batch
 
 HEAD = ("3.weight", "3.bias")
@@ -51,7 +56,7 @@ def test_adapted_learner_fits_its_support_set() -> None:
 
 def test_anil_adapts_only_the_head() -> None:
     model = tiny_convnet()
-    anil = MAML(model, inner_lr=0.5, anil=True)
+    anil = MAML(model, inner_lr=0.5, adapt="head")
     adapted = anil.adapt(toy_classification_batch()[0])
     for name, p in model.named_parameters():
         moved = not torch.equal(adapted.params[name], p)
@@ -59,7 +64,9 @@ def test_anil_adapts_only_the_head() -> None:
     loss, _ = anil.meta_loss(toy_classification_batch())
     loss.backward()
     assert model[0][0].weight.grad.abs().sum() > 0  # the body is still meta-learned
+    assert anil.inner.adapted == HEAD
     assert MAML(model, adapt=list(HEAD)).inner.adapted == HEAD
+    assert MAML(model, adapt="3.weight, 3.bias").inner.adapted == HEAD  # a comma-separated string too
 
 
 def test_first_order_flag() -> None:
@@ -73,24 +80,55 @@ def test_first_order_flag() -> None:
 
 
 def test_learned_inner_lr_gets_a_gradient_with_both_drivers() -> None:
-    for driver in ("func", "higher"):
+    for driver, name in (("func", "rule.lr"), ("higher", "rule.source.lr")):
         maml = MAML(tiny_convnet(), inner_lr=0.5, learn_inner_lr=True, driver=driver)
-        assert dict(maml.named_parameters())["rule.lr"] is maml.rule.lr
+        rule = maml.rule.source if driver == "higher" else maml.rule  # higher runs the sgd rule it wraps
+        assert isinstance(maml.rule, HigherRule) is (driver == "higher")
+        assert dict(maml.named_parameters())[name] is rule.lr
         _, grads = meta_grads(maml, toy_classification_batch())
-        assert grads["rule.lr"] != 0, driver
+        assert grads[name] != 0, driver
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"inner_lr": 0.0}, ValueError, "inner learning rate must be > 0, got 0.0"),
-    ({"inner_steps": 0}, ValueError, "inner_steps must be >= 1"),
-    ({"anil": True, "adapt": ["3.weight"]}, ValueError, "either anil=True or adapt=..., not both"),
+    ({"inner_steps": 0}, ValueError, "the inner loop needs at least one step, got steps=0"),
+    ({"anil": True}, TypeError, "unexpected keyword argument 'anil'"),  # gone: adapt="head" is ANIL
     ({"adapt": ["head.weight"]}, ValueError, r"adapt names unknown parameters \['head.weight'\]"),
     ({"strategy": "threads"}, ValueError, "unknown task-batching strategy 'threads'"),
+    ({"driver": "jax"}, ValueError, "driver must be 'func' or 'higher', got 'jax'"),
     ({"learning_rate": 0.1}, TypeError, "unexpected keyword argument 'learning_rate'"),
-], ids=["zero lr", "no steps", "anil and adapt", "unknown param", "strategy", "misspelt option"])
+], ids=["zero lr", "no steps", "anil is gone", "unknown param", "strategy", "driver", "misspelt option"])
 def test_bad_options_raise_clear_errors(kwargs: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         MAML(tiny_convnet(), **kwargs)
+
+
+MAML_OPTIONS = ("adapt", "first_order", "checkpoint_steps", "inner_steps", "eval_inner_steps", "strategy", "bn_policy",
+                "inner_lr", "learn_inner_lr")
+
+
+def test_registered_options_build_maml_and_refuse_others() -> None:
+    """The "maml" entry builds MAML from its options; an option it does not take (MAML++'s) is refused, listed."""
+    found = entry("algorithm", "maml")
+    assert found.options is MAMLOptions and tuple(MAMLOptions.field_names()) == MAML_OPTIONS
+    batch = toy_classification_batch()
+    options = MAMLOptions(inner_lr=0.3, inner_steps=2, adapt="head", learn_inner_lr=True)
+    learner = found.build(options, BuildContext(tiny_convnet(), batch))
+    assert isinstance(learner, MAML) and learner.inner_steps == 2 and learner.inner.adapted == HEAD
+    assert learner.rule.lr.item() == pytest.approx(0.3) and not learner.first_order
+    loss, grads = meta_grads(learner, batch)
+    expected_loss, expected = meta_grads(MAML(tiny_convnet(), inner_lr=0.3, inner_steps=2, adapt="head",
+                                              learn_inner_lr=True), batch)
+    assert torch.equal(loss, expected_loss) and grads.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(grads[name], expected[name]), name
+    default = found.build(MAMLOptions(), BuildContext(tiny_convnet(), batch))
+    assert (default.rule.lr, default.inner_steps, default.eval_steps, default.inner.adapted) == (0.4, 1, 1, None)
+    listed = ", ".join(MAML_OPTIONS)
+    for option in ("msl_epochs", "per_step_lr", "driver"):  # MAML++'s switches are options of mamlpp only
+        with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                              rf"algorithm 'maml'; its options are {listed}$"):
+            Section.from_dict("algorithm", {"name": "maml", option: 1})
 
 
 def test_episodes_built_by_hand() -> None:

@@ -10,9 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.algorithms import MAML, MetaLSTM
-from metaopt.algorithms.metalstm import MetaLSTMRule
-from metaopt.coordinatewise import preprocess
-from metaopt.episode import Episode
+from metaopt.algorithms.metalstm import MetaLSTMOptions, MetaLSTMRule
+from metaopt.engine.coordinatewise import preprocess
+from metaopt.engine.rules import StepInfo
+from metaopt.options import ConfigError
+from metaopt.problems.episode import Episode
+from metaopt.registry import BuildContext, entry
+from metaopt.training.config import Section
 from tests.helpers import assert_close_dicts, meta_grads, tiny_convnet, tiny_mlp, toy_classification_batch
 
 
@@ -31,7 +35,7 @@ def test_one_step_equals_the_cell_written_out() -> None:
     params = {"w": torch.randn(2, 3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
     grads = {"w": torch.randn(2, 3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64) * 1e-6}
     loss = torch.tensor(0.7, dtype=torch.float64)
-    new, _ = rule.step(params, grads, rule.init(params), 0, loss=loss)
+    new, _ = rule.step(params, grads, rule.init(params), StepInfo(0, loss))
     cell = rule.lstm.cells[0]
     for name in params:
         for index in range(params[name].numel()):
@@ -117,7 +121,7 @@ def test_support_policy_scores_the_query_with_the_support_statistics() -> None:
                 grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
             mean = 0.1 * mean + 0.9 * pre.mean(0)
             var = 0.1 * var + 0.9 * pre.var(0, unbiased=True)
-            theta, state = learner.rule.step(theta, grads, state, t, loss=loss.detach())
+            theta, state = learner.rule.step(theta, grads, state, StepInfo(t, loss.detach()))
         assert_close_dicts({k: v for k, v in params.items() if k in theta}, theta)
         torch.testing.assert_close(params["1.running_mean"], mean)
         torch.testing.assert_close(params["1.running_var"], var)
@@ -135,12 +139,43 @@ def test_support_policy_starts_every_task_afresh() -> None:
     g = torch.Generator().manual_seed(2)
     tasks = [Episode(torch.randn(6, 4, generator=g, dtype=torch.float64) * (1 + 3 * i), torch.arange(3).repeat(2),
                      torch.randn(9, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat(3)) for i in range(2)]
-    with torch.no_grad():
-        alone = learner.evaluate(Episode.stack([tasks[1]])).losses
-        after = learner.evaluate(Episode.stack(tasks)).losses[1:]
+    with torch.no_grad():  # the final query losses, as an evaluation scores them, and the evaluation itself
+        alone = learner.task_outputs(Episode.stack([tasks[1]]), learner.eval_steps, final_step_only=True).losses
+        after = learner.task_outputs(Episode.stack(tasks), learner.eval_steps, final_step_only=True).losses[1:]
+        scored_alone = learner.evaluate(Episode.stack([tasks[1]])).values
+        scored_after = learner.evaluate(Episode.stack(tasks)).values[1:]
     torch.testing.assert_close(after, alone, rtol=0, atol=0)
+    torch.testing.assert_close(scored_after, scored_alone, rtol=0, atol=0)
 
 
 def test_support_policy_needs_the_loop() -> None:
-    with pytest.raises(ValueError, match="bn_policy='support' updates the model's running statistics"):
+    with pytest.raises(ValueError, match="strategy='vmap' is not available: batch-norm policy 'support' writes "
+                                         "statistics shared by the tasks"):
         MetaLSTM(_bn_net(), strategy="vmap")
+
+
+METALSTM_OPTIONS = ("adapt", "inner_steps", "eval_inner_steps", "strategy", "bn_policy", "lstm_units", "bn_momentum",
+                    "bn_eps")
+
+
+def test_registered_options_build_metalstm_and_refuse_others() -> None:
+    """The "metalstm" entry builds the meta-learner; it has no inner_lr and is first-order, so both are refused."""
+    found = entry("algorithm", "metalstm")
+    assert found.options is MetaLSTMOptions and tuple(MetaLSTMOptions.field_names()) == METALSTM_OPTIONS
+    x = torch.randn(15, 4)  # float32, as the rule built by the entry
+    batch = Episode.stack([Episode(x[:6], torch.arange(3).repeat(2), x[6:], torch.arange(3).repeat(3))])
+    options = MetaLSTMOptions(inner_steps=2, lstm_units=6, bn_momentum=0.95, bn_eps=1e-4)
+    learner = found.build(options, BuildContext(_bn_net().float(), batch))
+    assert isinstance(learner, MetaLSTM) and isinstance(learner.rule, MetaLSTMRule) and learner.rule.lstm.hidden == 6
+    assert learner.inner_steps == 2 and learner.first_order and learner.bn_policy.name == "support"
+    assert (learner.model[1].momentum, learner.model[1].eps) == (0.95, 1e-4)
+    default = found.build(MetaLSTMOptions(), BuildContext(_bn_net().float(), batch))
+    assert (default.inner_steps, default.rule.lstm.hidden, default.model[1].momentum, default.model[1].eps) == \
+        (12, 20, 0.9, 1e-3)
+    loss, _ = learner.meta_loss(batch)
+    assert torch.isfinite(loss)
+    listed = ", ".join(METALSTM_OPTIONS)
+    for option in ("inner_lr", "first_order", "hidden"):
+        with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                              rf"algorithm 'metalstm'; its options are {listed}$"):
+            Section.from_dict("algorithm", {"name": "metalstm", option: 1})

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from metaopt.algorithms import MAML, MetaSGD
-from metaopt.config import ExperimentConfig
-from metaopt.experiment import build_experiment
+from metaopt.algorithms.metasgd import MetaSGDOptions
+from metaopt.engine.higher_driver import HigherRule
 from metaopt.models import MLP
+from metaopt.options import ConfigError
+from metaopt.registry import BuildContext, entry
+from metaopt.training.config import RunConfig, Section
+from metaopt.training.experiment import build_experiment
 from tests.helpers import (
     assert_close_dicts,
     meta_grads,
@@ -23,7 +27,7 @@ def test_alpha_has_the_shape_of_every_adapted_parameter() -> None:
     learner = MetaSGD(tiny_convnet(), adapt=["3.weight", "3.bias"])
     assert {k: tuple(v.shape) for k, v in learner.rule.rates.items()} == {"3-weight": (3, 12), "3-bias": (3,)}
     assert all(((r >= 0.005) & (r <= 0.1)).all() for r in learner.rule.rates.values())
-    assert learner.inner_steps == learner.eval_inner_steps == 1
+    assert learner.inner_steps == learner.eval_steps == 1
 
 
 def test_second_order_gradient_of_alpha_matches_finite_differences() -> None:
@@ -61,16 +65,52 @@ def test_loop_and_vmap_agree() -> None:
 
 
 def test_higher_driver_is_refused_with_the_reason() -> None:
-    with pytest.raises(NotImplementedError, match="LearnedRates has no torch.optim counterpart; use driver='func'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'driver'"):
         MetaSGD(tiny_mlp(), driver="higher")
+    with pytest.raises(NotImplementedError, match="LearnedRates has no torch.optim counterpart; run it with the "
+                                                  "torch.func driver"):
+        HigherRule(MetaSGD(tiny_mlp()).rule)  # the higher driver of a MetaLearner: MetaLearner(model, HigherRule(...))
 
 
 def test_config_init_is_recorded_and_seeded() -> None:
-    config = ExperimentConfig(algorithm="metasgd", hidden=(8,), meta_batch=2, inner_steps=1)
-    first, again = (build_experiment(config).algorithm.rule.rates["0-weight"] for _ in range(2))
+    config = RunConfig.from_dict({"data": {"name": "sinusoid", "meta_batch": 2},
+                                  "model": {"name": "mlp", "hidden": [8]},
+                                  "algorithm": {"name": "metasgd", "inner_steps": 1}})
+    assert config.algorithm.options.init == "uniform"
+    first, again = (build_experiment(config).learner.rule.rates["0-weight"] for _ in range(2))
     assert torch.equal(first, again) and first.min() >= 0.005 and first.max() <= 0.1 and first.std() > 0
-    constant = build_experiment(config.replace(metasgd_init="constant", inner_lr=0.02)).algorithm
+    constant = build_experiment(config.replace(algorithm={"init": "constant", "init_lr": 0.02})).learner
     assert all(torch.all(r == 0.02) for r in constant.rule.rates.values())
+
+
+METASGD_OPTIONS = ("adapt", "first_order", "checkpoint_steps", "inner_steps", "eval_inner_steps", "strategy",
+                   "bn_policy", "init", "init_lr")
+
+
+def test_registered_options_build_metasgd_and_refuse_others() -> None:
+    found = entry("algorithm", "metasgd")
+    assert found.options is MetaSGDOptions and tuple(MetaSGDOptions.field_names()) == METASGD_OPTIONS
+    batch = toy_regression_batch()
+    learner = found.build(MetaSGDOptions(init="constant", init_lr=0.05), BuildContext(tiny_mlp(), batch))
+    assert isinstance(learner, MetaSGD) and all(torch.all(r == 0.05) for r in learner.rule.rates.values())
+    loss, grads = meta_grads(learner, batch)
+    expected_loss, expected = meta_grads(MetaSGD(tiny_mlp(), init=0.05), batch)
+    assert torch.equal(loss, expected_loss) and grads.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(grads[name], expected[name]), name
+    uniform = found.build(MetaSGDOptions(adapt="2.weight,2.bias"), BuildContext(tiny_mlp(), batch)).rule.rates
+    assert sorted(uniform) == ["2-bias", "2-weight"]
+    assert all(((r >= 0.005) & (r <= 0.1)).all() for r in uniform.values())
+    with pytest.raises(ConfigError, match=r"option 'init_lr' is the starting step size of init='constant' .* "
+                                          r"got init='uniform', init_lr=0.02"):
+        Section.from_dict("algorithm", {"name": "metasgd", "init": "uniform", "init_lr": 0.02})
+    with pytest.raises(ConfigError, match="required there"):
+        MetaSGDOptions(init="constant")
+    listed = ", ".join(METASGD_OPTIONS)
+    for option in ("inner_lr", "metasgd_init", "driver"):
+        with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                              rf"algorithm 'metasgd'; its options are {listed}$"):
+            Section.from_dict("algorithm", {"name": "metasgd", option: 1})
 
 
 def test_metasgd_learns_sinusoids() -> None:

@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from metaopt.algorithms import MAML, MTNet
-from metaopt.algorithms.mtnet import MaskedSGD, Transform, insert_transforms
-from metaopt.config import ExperimentConfig, load_preset
-from metaopt.episode import Episode
-from metaopt.experiment import build_experiment
-from metaopt.rules import sgd
+from metaopt.algorithms.mtnet import MaskedSGD, MTNetOptions, TNetOptions, Transform, insert_transforms
+from metaopt.engine.rules import StepInfo, sgd
+from metaopt.options import ConfigError
+from metaopt.problems.episode import Episode, EpisodeTask, default_loss
+from metaopt.registry import BuildContext, entry
+from metaopt.training.config import RunConfig, Section, load_preset
+from metaopt.training.experiment import build_experiment
 from tests.helpers import meta_grads, tiny_convnet, toy_classification_batch
 
 # tiny_convnet's parameter names -> MT-net's (each Conv2d/Linear becomes Sequential(layer, Transform))
@@ -61,7 +63,8 @@ def test_masked_units_do_not_move_in_the_inner_loop() -> None:
             keep[key] = torch.arange(len(logit)) % 2 == 0  # units 0, 2, ... adapt; 1, 3, ... are masked
             logit.copy_(torch.where(keep[key], 60.0, -60.0))
     params = dict(learner.model.named_parameters())
-    path = learner.inner.adapt(params, *toy_classification_batch()[0].tensors()[:2], steps=2)
+    task = EpisodeTask(learner.model, default_loss, *toy_classification_batch()[0].tensors())
+    path = learner.inner.unroll(task, params, steps=2).params
     for name in LAYERS.values():
         moved = (path[-1][name] != path[0][name]).reshape(len(path[0][name]), -1).any(1)  # per output unit
         units = keep[name.rsplit(".", 1)[0].replace(".", "-")]
@@ -112,9 +115,9 @@ def test_masks_are_drawn_once_per_task_and_reused_by_every_step(monkeypatch: pyt
         drawn.append(init(self, params))
         return drawn[-1]
 
-    def recording_step(self: MaskedSGD, params: dict, grads: dict, state: dict, t: int) -> tuple:
-        used.append((state, t))
-        return step(self, params, grads, state, t)
+    def recording_step(self: MaskedSGD, params: dict, grads: dict, state: dict, info: StepInfo) -> tuple:
+        used.append((state, info.t))
+        return step(self, params, grads, state, info)
 
     monkeypatch.setattr(MaskedSGD, "init", counting_init)
     monkeypatch.setattr(MaskedSGD, "step", recording_step)
@@ -193,17 +196,21 @@ def test_insert_transforms_wraps_every_conv_and_linear_once() -> None:
 
 
 def test_config_builders_make_mtnet_and_tnet() -> None:
-    config = ExperimentConfig(algorithm="mtnet", hidden=(8,), meta_batch=2, inner_steps=1, inner_lr=0.05)
-    mtnet = build_experiment(config).algorithm
+    def config(algorithm: dict) -> RunConfig:
+        return RunConfig.from_dict({"data": {"name": "sinusoid", "meta_batch": 2},
+                                    "model": {"name": "mlp", "hidden": [8]},
+                                    "algorithm": {"inner_steps": 1, "inner_lr": 0.05, **algorithm}})
+
+    mtnet = build_experiment(config({"name": "mtnet"})).learner
     assert sorted(n for n, m in mtnet.model.named_modules() if isinstance(m, Transform)) == ["0.1", "2.1"]
     assert isinstance(mtnet.rule, MaskedSGD) and mtnet.rule.mask == "unit"
     assert {k: tuple(v.shape) for k, v in mtnet.rule.logits.items()} == {"0-0": (8,), "2-0": (1,)}
-    assert mtnet.rule.lr.item() == pytest.approx(0.05)
+    assert mtnet.rule.lr == 0.05
     assert mtnet.inner.adapted == ("0.0.weight", "0.0.bias", "2.0.weight", "2.0.bias")
-    weight = build_experiment(config.replace(mtnet_mask="weight")).algorithm
+    weight = build_experiment(config({"name": "mtnet"}).replace(algorithm={"mask": "weight"})).learner
     assert weight.rule.mask == "weight" and tuple(weight.rule.logits["0-0-weight"].shape) == (8, 1)
-    tnet = build_experiment(config.replace(algorithm="tnet")).algorithm
-    assert type(tnet.rule) is type(sgd(0.05)) and tnet.rule.lr.item() == pytest.approx(0.05)
+    tnet = build_experiment(config({"name": "tnet"})).learner
+    assert type(tnet.rule) is type(sgd(0.05)) and tnet.rule.lr == 0.05
     assert sorted(n for n, m in tnet.model.named_modules() if isinstance(m, Transform)) == ["0.1", "2.1"]
     assert tnet.inner.adapted == mtnet.inner.adapted
     x = torch.linspace(-3, 3, 10).reshape(2, 5, 1)
@@ -211,12 +218,44 @@ def test_config_builders_make_mtnet_and_tnet() -> None:
     assert torch.isfinite(loss)
 
 
+TNET_OPTIONS = ("first_order", "checkpoint_steps", "inner_steps", "eval_inner_steps", "strategy", "bn_policy",
+                "inner_lr")
+
+
+def test_registered_options_build_mtnet_and_tnet_and_refuse_others() -> None:
+    """The "mtnet" and "tnet" entries build from their options; neither takes adapt (it adapts the layers' weights)."""
+    batch = toy_classification_batch()
+    found = entry("algorithm", "mtnet")
+    assert found.options is MTNetOptions and tuple(MTNetOptions.field_names()) == (*TNET_OPTIONS, "mask")
+    learner = found.build(MTNetOptions(inner_lr=0.3, inner_steps=2), BuildContext(tiny_convnet(), batch))
+    assert isinstance(learner, MTNet) and isinstance(learner.rule, MaskedSGD) and learner.rule.mask == "unit"
+    assert learner.rule.lr == 0.3 and set(learner.inner.adapted) == set(LAYERS.values())
+    _set_logits(learner, 60.0)
+    _assert_maml(learner)  # T = I and every unit adapting: MAML on the conv/linear layers
+    weight = found.build(MTNetOptions(mask="weight"), BuildContext(tiny_convnet(), batch))
+    assert weight.rule.mask == "weight" and tuple(weight.rule.logits["3-0-weight"].shape) == (3, 12)
+    tnet_entry = entry("algorithm", "tnet")
+    assert tnet_entry.options is TNetOptions and tuple(TNetOptions.field_names()) == TNET_OPTIONS
+    tnet = tnet_entry.build(TNetOptions(inner_lr=0.3, inner_steps=2), BuildContext(tiny_convnet(), batch))
+    assert type(tnet.rule) is type(sgd(0.3)) and tnet.rule.lr == 0.3
+    _assert_maml(tnet)
+    for name, listed, options in (("mtnet", ", ".join((*TNET_OPTIONS, "mask")), ("adapt", "mtnet_mask", "driver")),
+                                  ("tnet", ", ".join(TNET_OPTIONS), ("adapt", "mask"))):
+        for option in options:
+            with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
+                                                  rf"algorithm '{name}'; its options are {listed}$"):
+                Section.from_dict("algorithm", {"name": name, option: 1})
+    with pytest.raises(ConfigError, match=r"option 'mask' must be one of \('unit', 'weight'\), got 'channel'"):
+        Section.from_dict("algorithm", {"name": "mtnet", "mask": "channel"})
+
+
 @pytest.mark.parametrize(("name", "ways", "lr", "steps", "eval_steps"),
                          [("mtnet-omniglot-5w1s", 5, 0.4, 1, 10), ("mtnet-omniglot-20w1s", 20, 0.1, 1, 10),
                           ("mtnet-miniimagenet-5w1s", 5, 0.01, 5, 10)])
 def test_presets(name: str, ways: int, lr: float, steps: int, eval_steps: int) -> None:
     config = load_preset(name)
-    assert config.algorithm == "mtnet" and config.mtnet_mask == "unit" and not config.first_order
-    assert (config.ways, config.shots, config.inner_lr, config.inner_steps, config.eval_inner_steps) == \
+    algorithm, data = config.algorithm.options, config.data.options
+    assert config.algorithm.name == "mtnet" and algorithm.mask == "unit" and not algorithm.first_order
+    assert (data.ways, data.shots, algorithm.inner_lr, algorithm.inner_steps, algorithm.eval_inner_steps) == \
         (ways, 1, lr, steps, eval_steps)
-    assert config.dataset == ("omniglot" if "omniglot" in name else "miniimagenet")
+    assert config.data.name == ("omniglot" if "omniglot" in name else "miniimagenet")

@@ -19,7 +19,11 @@ from PIL import Image
 
 from metaopt import EpisodeSampler
 from metaopt.datasets import miniimagenet as mi
-from metaopt.datasets.miniimagenet import MiniImageNet, miniimagenet_split
+from metaopt.datasets.miniimagenet import MiniImageNet, MiniImageNetOptions, build_miniimagenet, miniimagenet_split
+from metaopt.options import ConfigError
+from metaopt.problems.sampling import SPLITS
+from metaopt.registry import entry
+from metaopt.training.config import Section
 
 DATA = os.environ.get("METAOPT_DATA")
 TEST = miniimagenet_split("test")
@@ -287,3 +291,41 @@ def test_wrong_pickle_contents_are_rejected(tmp_path: Path, write: Callable[[Pat
 def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MiniImageNet(tmp_path, **{"split": "test", **kwargs})
+
+
+# ---- the registered dataset ---------------------------------------------------------------------
+
+def test_registered_builder_gives_each_split_its_sampler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registered = entry("dataset", "miniimagenet")
+    assert registered.options is MiniImageNetOptions and registered.build is build_miniimagenet
+    assert registered.problems == "episodes"
+    loaded: list[tuple[object, str]] = []
+
+    def fake_miniimagenet(root: Path | None, split: str) -> dict[int, torch.Tensor]:
+        loaded.append((root, split))
+        return {c: torch.full((COUNT, 3, 4, 4), c / 10) for c in range(6)}
+
+    monkeypatch.setattr(mi, "MiniImageNet", fake_miniimagenet)
+    section = Section.from_dict("dataset", {"name": "miniimagenet", "ways": 5, "shots": 1, "query": 3,
+                                            "eval_query": 10, "meta_batch": 2, "data_root": str(tmp_path)})
+    for offset, split in enumerate(SPLITS):
+        sampler = section.entry.build(section.options, split, 2)
+        assert loaded[-1] == (tmp_path / "miniimagenet", split)
+        assert isinstance(sampler, EpisodeSampler) and sampler.seed == 3 * 2 + offset, split
+        query = 3 if split == "train" else 10
+        assert sampler.protocol() == {"ways": 5, "shots": 1, "query": query} and sampler.batch_size == 2
+        batch = sampler.batch(0)
+        assert batch.support_x.shape == (2, 5, 3, 4, 4) and batch.query_x.shape == (2, 5 * query, 3, 4, 4)
+        same = EpisodeSampler(fake_miniimagenet(None, split), ways=5, shots=1, query=query, batch_size=2,
+                              seed=6 + offset).batch(0)
+        assert torch.equal(batch.query_x, same.query_x) and torch.equal(batch.support_x, same.support_x)
+    defaults = Section.from_dict("dataset", {"name": "miniimagenet"}).options
+    assert (defaults.ways, defaults.shots, defaults.query, defaults.data_root) == (5, 1, 15, None)
+    assert [build_miniimagenet(defaults, split, 0).query for split in SPLITS] == [15, 15, 15], "no eval_query: query"
+    assert loaded[-1] == (None, "test"), "no data_root: $METAOPT_DATA"
+
+
+def test_an_option_it_does_not_take_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^'protocol' is not an option of dataset 'miniimagenet'; its options are "
+                                          "shots, query, eval_query, meta_batch, ways, data_root$"):
+        Section.from_dict("dataset", {"name": "miniimagenet", "protocol": "ravi"})

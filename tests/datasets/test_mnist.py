@@ -16,8 +16,20 @@ import pytest
 import torch
 
 from metaopt.datasets import mnist
-from metaopt.datasets.mnist import MNISTOptimizees, download_mnist, load_mnist, meta_split_indices, mlp_shapes
-from metaopt.optimizees import Optimizee, OptimizeeFamily
+from metaopt.datasets.mnist import (
+    MNISTMLPOptions,
+    MNISTOptimizees,
+    build_mnist_mlp,
+    download_mnist,
+    load_mnist,
+    meta_split_indices,
+    mlp_shapes,
+)
+from metaopt.options import ConfigError
+from metaopt.problems.optimizees import Optimizee, OptimizeeFamily, OptimizeeStream
+from metaopt.problems.sampling import SPLITS
+from metaopt.registry import entry
+from metaopt.training.config import Section
 
 DATA = os.environ.get("METAOPT_DATA")
 needs_data = pytest.mark.skipif(not DATA or not Path(DATA, "mnist").is_dir(),
@@ -344,3 +356,42 @@ def test_bad_family_arguments(fake: Path) -> None:
         MNISTOptimizees(fake, batch=151)
     with pytest.raises(ValueError, match="seed must be a non-negative"):
         MNISTOptimizees(fake, batch=16).sample(-1)
+
+
+# --- the registered dataset -------------------------------------------------------------------------------------
+
+
+def test_registered_builder_gives_each_split_its_problems(fake: Path) -> None:
+    registered = entry("dataset", "mnist-mlp")
+    assert registered.options is MNISTMLPOptions and registered.build is build_mnist_mlp
+    assert registered.problems == "optimizees"
+    section = Section.from_dict("dataset", {"name": "mnist-mlp", "hidden": [20, 20], "activation": "relu",
+                                            "batch_size": 16, "data_root": str(fake.parent)})
+    firsts = {"train": 3 * 10**6, "val": 10**9, "test": 2 * 10**9}  # seed 3: problems 3·10⁶ + i, 10⁹ + i, 2·10⁹ + i
+    for split in SPLITS:
+        stream = section.entry.build(section.options, split, 3)
+        assert isinstance(stream, OptimizeeStream) and stream.first == firsts[split], split
+        family = stream.family
+        part = "meta-test" if split == "test" else "meta-train"
+        assert (family.split, family.part) == ("train", part), "test problems train on the other half of the images"
+        assert (family.hidden, family.activation, family.batch) == ((20, 20), "relu", 16)
+        assert stream.protocol() == {"hidden": [20, 20], "activation": "relu"}
+        problem, reference = stream.batch(5), MNISTOptimizees(fake, (20, 20), "relu", 16, part=part).sample(
+            firsts[split] + 5)
+        params, expected = problem.init_params(), reference.init_params()
+        assert all(torch.equal(params[k], expected[k]) for k in expected)
+        assert torch.equal(problem.batch_rows(3), reference.batch_rows(3))
+        assert problem.loss(params, 3).item() == reference.loss(expected, 3).item()
+    defaults = Section.from_dict("dataset", {"name": "mnist-mlp"}).options
+    assert (defaults.hidden, defaults.activation, defaults.batch_size, defaults.data_root) == ((20,), "sigmoid", 128,
+                                                                                              None)
+    with pytest.raises(ConfigError, match=r"optimizee runs take a seed in \[0, 1000\)"):
+        build_mnist_mlp(section.options, "train", 1000)
+
+
+def test_an_option_it_does_not_take_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^'query' is not an option of dataset 'mnist-mlp'; its options are "
+                                          "hidden, activation, batch_size, data_root$"):
+        Section.from_dict("dataset", {"name": "mnist-mlp", "query": 15})
+    with pytest.raises(ConfigError, match=r"option 'activation' must be one of \('sigmoid', 'relu'\), got 'tanh'"):
+        Section.from_dict("dataset", {"name": "mnist-mlp", "activation": "tanh"})

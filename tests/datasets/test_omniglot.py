@@ -17,7 +17,18 @@ from PIL import Image
 
 from metaopt import EpisodeSampler
 from metaopt.datasets import omniglot as om
-from metaopt.datasets.omniglot import Omniglot, download_omniglot, safe_extract, split_names
+from metaopt.datasets.omniglot import (
+    Omniglot,
+    OmniglotOptions,
+    build_omniglot,
+    download_omniglot,
+    safe_extract,
+    split_names,
+)
+from metaopt.options import ConfigError
+from metaopt.problems.sampling import SPLITS
+from metaopt.registry import entry
+from metaopt.training.config import Section
 
 DATA = os.environ.get("METAOPT_DATA")
 needs_data = pytest.mark.skipif(not DATA or not Path(DATA, "omniglot").is_dir(),
@@ -156,3 +167,48 @@ def test_download_from_a_local_mirror(tmp_path: Path) -> None:
 def test_download_offline_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="could not download"):
         download_omniglot(tmp_path, url=(tmp_path / "nowhere").as_uri() + "/{name}.zip")
+
+
+def test_registered_builder_gives_each_split_its_sampler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registered = entry("dataset", "omniglot")
+    assert registered.options is OmniglotOptions and registered.build is build_omniglot
+    assert registered.problems == "episodes"
+    loaded: list[tuple[object, str, str]] = []
+
+    def fake_omniglot(root: Path | None, split: str, protocol: str) -> dict[int, torch.Tensor]:
+        loaded.append((root, split, protocol))
+        return {c: torch.full((om.DRAWINGS, 1, 4, 4), float(c)) for c in range(8)}
+
+    monkeypatch.setattr(om, "Omniglot", fake_omniglot)
+    section = Section.from_dict("dataset", {"name": "omniglot", "ways": 3, "shots": 2, "query": 4, "eval_query": 15,
+                                            "meta_batch": 5, "protocol": "vinyals", "data_root": str(tmp_path)})
+    for offset, split in enumerate(SPLITS):
+        sampler = section.entry.build(section.options, split, 7)
+        assert loaded[-1] == (tmp_path / "omniglot", split, "vinyals")
+        assert isinstance(sampler, EpisodeSampler) and sampler.seed == 3 * 7 + offset, split
+        query = 4 if split == "train" else 15
+        assert sampler.protocol() == {"ways": 3, "shots": 2, "query": query} and sampler.batch_size == 5
+        batch = sampler.batch(0)
+        assert batch.support_x.shape == (5, 6, 1, 4, 4) and batch.query_x.shape == (5, 3 * query, 1, 4, 4)
+        same = EpisodeSampler(fake_omniglot(None, split, "vinyals"), ways=3, shots=2, query=query, batch_size=5,
+                              seed=21 + offset).batch(0)
+        assert torch.equal(batch.query_x, same.query_x) and torch.equal(batch.query_y, same.query_y)
+    defaults = Section.from_dict("dataset", {"name": "omniglot"}).options
+    assert (defaults.ways, defaults.shots, defaults.protocol, defaults.data_root) == (5, 1, "maml", None)
+    assert [build_omniglot(defaults, split, 0).query for split in SPLITS] == [15, 15, 15], "no eval_query: query"
+    assert loaded[-1] == (None, "test", "maml"), "no data_root: $METAOPT_DATA"
+
+
+@needs_data
+def test_registered_builder_reads_the_real_splits() -> None:
+    options = OmniglotOptions(ways=5, shots=1, query=1, eval_query=15, meta_batch=2, data_root=DATA)
+    samplers = {split: build_omniglot(options, split, 0) for split in SPLITS}
+    assert {split: s.dataset.num_classes for split, s in samplers.items()} == {"train": 4800, "val": 100, "test": 423}
+    assert samplers["train"].batch(0).query_x.shape == (2, 5, 1, 28, 28)
+    assert samplers["test"].batch(0).query_x.shape == (2, 75, 1, 28, 28)
+
+
+def test_an_option_it_does_not_take_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^'image_size' is not an option of dataset 'omniglot'; its options are "
+                                          "shots, query, eval_query, meta_batch, ways, protocol, data_root$"):
+        Section.from_dict("dataset", {"name": "omniglot", "image_size": 28})

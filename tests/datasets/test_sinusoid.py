@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from metaopt.datasets import Sinusoid
+from metaopt.datasets.sinusoid import SinusoidOptions, build_sinusoid
+from metaopt.options import ConfigError
+from metaopt.problems.sampling import SPLITS
+from metaopt.registry import entry
+from metaopt.training.config import Section
 
 
 def fit_sinusoid(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
@@ -60,3 +65,30 @@ def test_the_seed_fixes_the_stream() -> None:
 def test_invalid_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Sinusoid(**kwargs)
+
+
+def test_registered_builder_gives_each_split_its_sampler() -> None:
+    registered = entry("dataset", "sinusoid")
+    assert registered.options is SinusoidOptions and registered.build is build_sinusoid
+    assert registered.problems == "episodes"
+    section = Section.from_dict("dataset", {"name": "sinusoid", "shots": 5, "query": 7, "eval_query": 12,
+                                            "meta_batch": 3})
+    for offset, split in enumerate(SPLITS):
+        sampler = section.entry.build(section.options, split, 4)
+        assert isinstance(sampler, Sinusoid) and sampler.seed == 3 * 4 + offset, split
+        assert (sampler.shots, sampler.batch_size) == (5, 3)
+        assert sampler.query == (7 if split == "train" else 12), "validation and test tasks use eval_query"
+        assert sampler.protocol() == {"shots": 5, "query": sampler.query}
+        batch = sampler.batch(0)
+        assert batch.support_x.shape == (3, 5, 1) and batch.query_x.shape == (3, sampler.query, 1)
+        torch.testing.assert_close(batch.query_y, Sinusoid(5, sampler.query, 3, seed=12 + offset).batch(0).query_y,
+                                   rtol=0, atol=0)
+    defaults = Section.from_dict("dataset", {"name": "sinusoid"}).options
+    assert (defaults.shots, defaults.query, defaults.eval_query, defaults.meta_batch) == (10, 10, None, 25)
+    assert [build_sinusoid(defaults, split, 0).query for split in SPLITS] == [10, 10, 10], "no eval_query: query"
+
+
+def test_an_option_it_does_not_take_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^'ways' is not an option of dataset 'sinusoid'; its options are shots, "
+                                          "query, eval_query, meta_batch$"):
+        Section.from_dict("dataset", {"name": "sinusoid", "ways": 5})

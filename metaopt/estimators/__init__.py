@@ -1,0 +1,12 @@
+"""Meta-gradient estimators behind one interface (:class:`Estimator`), one file each."""
+
+from metaopt.estimators.backprop import Backprop
+from metaopt.estimators.base import Estimate, Estimator
+from metaopt.estimators.truncated import TruncatedBackprop
+
+__all__ = [
+    "Backprop",
+    "Estimate",
+    "Estimator",
+    "TruncatedBackprop",
+]

@@ -1,0 +1,96 @@
+"""Short fixed-seed runs give the numbers they gave before the one-engine rebuild (tests/fixtures/regression).
+
+Each fixture holds a command recorded on metaopt 0.1 (commit 9a21fd4), the metrics it logged at
+every iteration, its test result and checksums of its final parameters. The same runs, spelled for
+today's command line, must reproduce them bit for bit: the rebuild changed the code, not the
+arithmetic. Two figures are compared to float32 rounding instead, and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "regression"
+FEWSHOT = ["maml-sinusoid-5shot", "maml-omniglot-5w1s", "metasgd-omniglot-5w1s", "arml-omniglot-5w1s",
+           "mtnet-omniglot-5w1s", "mamlpp-omniglot-5w1s", "metalstm-omniglot-5w1s"]
+#: 0.1 stored a fixed inner learning rate as a float32 buffer and logged it as such (0.4000000059604645); it is a
+#: Python float now (0.4), which computes the same float32 updates.
+FLOAT32_LOGGED = {"lr/inner"}
+
+
+def _checksums(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Sum and sum of squares of every floating-point tensor, exactly rounded (independent of threads)."""
+    return {k: [math.fsum(v.double().flatten().tolist()), math.fsum(v.double().square().flatten().tolist())]
+            for k, v in state.items() if v.is_floating_point()}
+
+
+def _run(command: list[str], run_dir: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the fixtures were recorded with torch's default on 2 cores
+    try:
+        assert main([*command, "--run-dir", str(run_dir)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_parameters(expected: dict[str, list[float]], state: dict[str, torch.Tensor]) -> None:
+    ours = _checksums(state)
+    for name, sums in expected.items():
+        if name == "rule.lr":  # a float32 buffer in 0.1, a Python number now
+            continue
+        moved = name if name in ours else f"initialiser.{name}"  # ARML's gate is the learner's initialiser now
+        assert ours[moved] == sums, name
+    assert len(ours) == len([n for n in expected if n != "rule.lr"])
+
+
+def _needs_data(name: str) -> None:
+    if "omniglot" in name and not os.environ.get("METAOPT_DATA"):
+        pytest.skip("needs the Omniglot archives: set METAOPT_DATA")
+
+
+@pytest.mark.parametrize("name", FEWSHOT)
+def test_fewshot_runs_reproduce_the_recorded_numbers(name: str, tmp_path: Path) -> None:
+    _needs_data(name)
+    fixture = json.loads((FIXTURES / f"{name}.json").read_text())
+    _run(fixture["command"][1:], tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == len(fixture["metrics"])
+    for ours, expected in zip(records, fixture["metrics"]):
+        ours = {k: v for k, v in ours.items() if not k.startswith("time/")}
+        assert ours.keys() == expected.keys()
+        for key, value in expected.items():
+            if key in FLOAT32_LOGGED:
+                assert ours[key] == pytest.approx(value, rel=1e-7), key
+            else:
+                assert ours[key] == value, (ours["iteration"], key)
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert {k: final["result"][k] for k in fixture["test"]} == fixture["test"]
+    assert final["checkpoint_iteration"] == fixture["test_checkpoint_iteration"]
+    _same_parameters(fixture["parameters"], torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+
+
+def test_the_learned_optimizer_run_reproduces_the_recorded_numbers(tmp_path: Path) -> None:
+    """0.1's optbench (20 epochs of 5 truncations, 20 test problems) is 100 iterations of the l2l-quadratics preset."""
+    fixture = json.loads((FIXTURES / "l2l-quadratics.json").read_text())
+    _run(["train", "--preset", "l2l-quadratics", "--iterations", "100", "--log-every", "1", "--test-episodes", "20"],
+         tmp_path)
+    state = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    _same_parameters({f"rule.{k}": v for k, v in fixture["parameters"].items()}, state)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val/loss"] == fixture["val"] == fixture["best"]["value"]
+    # 0.1 logged the mean loss of each problem's 100 steps; today each truncation of 20 logs its own mean
+    for epoch, expected in enumerate(fixture["metrics"]):
+        truncations = [r["train/loss"] for r in records[5 * epoch:5 * epoch + 5]]
+        assert math.fsum(truncations) / 5 == pytest.approx(expected["train/loss"], rel=1e-6)
+    final = json.loads((tmp_path / "final.json").read_text())
+    scored = final["baselines"]["scored"]["quadratics"]["results"]
+    expected = fixture["scored"]["l2l-quadratics"]
+    assert scored == {("learned optimizer" if k == "LSTM (learned)" else k): v for k, v in expected.items()}
