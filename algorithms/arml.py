@@ -71,7 +71,7 @@ from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, Secon
 from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
 from metaopt.engine.rules import sgd
 from metaopt.options import ConfigError
-from metaopt.problems.episode import EpisodeTask
+from metaopt.problems.episode_task import EpisodeTask
 from metaopt.registry import BuildContext, register_algorithm
 
 __all__ = ["ARML", "ARMLOptions", "GRUAutoencoder", "GatedInitialisation", "KnowledgeGraph", "build_arml",

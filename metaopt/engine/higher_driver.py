@@ -28,7 +28,7 @@ References:
 
 Example:
     >>> import torch
-    >>> from metaopt.problems.episode import EpisodeTask, default_loss
+    >>> from metaopt.problems.episode_task import EpisodeTask, default_loss
     >>> model = torch.nn.Linear(1, 1)
     >>> rule = HigherRule(lambda params: torch.optim.Adam(params, lr=0.1), override={"lr": 0.1})
     >>> x = torch.randn(10, 1)

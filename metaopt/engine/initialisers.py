@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from metaopt.engine.functional import Params
-from metaopt.problems.episode import EpisodeTask
+from metaopt.problems.episode_task import EpisodeTask
 
 __all__ = ["Initialiser"]
 

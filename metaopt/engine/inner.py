@@ -25,7 +25,7 @@ and rule state it starts from and is recomputed when the meta-backward reaches i
 Example:
     >>> import torch
     >>> from metaopt.engine.rules import sgd
-    >>> from metaopt.problems.episode import EpisodeTask, default_loss
+    >>> from metaopt.problems.episode_task import EpisodeTask, default_loss
     >>> model = torch.nn.Linear(1, 1)
     >>> x = torch.randn(10, 1)
     >>> task = EpisodeTask(model, default_loss, x, 2 * x, x, 2 * x)

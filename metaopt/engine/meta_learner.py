@@ -48,7 +48,8 @@ from metaopt.engine.initialisers import Initialiser
 from metaopt.engine.inner import InnerLoop, resolve_weights
 from metaopt.engine.learner import Evaluation, Learner
 from metaopt.engine.rules import UpdateRule
-from metaopt.problems.episode import Episode, EpisodeTask, LossFn, default_loss
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask, LossFn, default_loss
 
 __all__ = ["AdaptedModel", "MetaLearner", "TaskOutputs", "adapted_parameter_names", "head_parameter_names"]
 

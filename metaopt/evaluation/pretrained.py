@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaopt.problems.episode import default_loss
+from metaopt.problems.episode_task import default_loss
 from metaopt.problems.sampling import TaskSampler
 
 __all__ = ["pretrain"]

@@ -3,8 +3,6 @@
 An :class:`Episode` is the unit every few-shot algorithm consumes. Classification episodes carry
 integer labels in ``[0, ways)``; regression episodes carry floating-point targets. A batch of ``T``
 tasks is the same class with a leading task dimension, built by :meth:`Episode.stack`.
-:class:`EpisodeTask` is one task as an inner problem (:class:`metaopt.problems.problem.Problem`):
-a model and a loss on its support set (inner) and its query set (outer).
 
 Example:
     >>> import torch
@@ -17,19 +15,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from metaopt.engine.functional import Params, model_call
-from metaopt.problems.problem import Problem
-
-__all__ = ["Episode", "EpisodeError", "EpisodeTask", "LossFn", "default_loss"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["Episode", "EpisodeError"]
 
 
 class EpisodeError(ValueError):
@@ -170,39 +161,3 @@ class Episode:
     def __len__(self) -> int:
         return self.num_tasks
 
-
-def default_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class labels, mean squared error for regression targets."""
-    if target.is_floating_point():
-        return F.mse_loss(prediction, target)
-    return F.cross_entropy(prediction, target)
-
-
-class EpisodeTask(Problem):
-    """One few-shot task as an inner problem: ``model``'s support loss inside, its query loss outside.
-
-    The tensors are one task's (under ``vmap``, one task's slice of a batch). The outer loss
-    comes with the query accuracy of the same forward pass for classification tasks.
-
-    Args:
-        model: the network, run functionally on the parameters it is given.
-        loss_fn: ``loss_fn(prediction, target) -> scalar``, for both sets.
-        support_x, support_y, query_x, query_y: the task's sets.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, support_x: torch.Tensor, support_y: torch.Tensor,
-                 query_x: torch.Tensor, query_y: torch.Tensor) -> None:
-        self.model, self.loss_fn = model, loss_fn
-        self.support_x, self.support_y, self.query_x, self.query_y = support_x, support_y, query_x, query_y
-
-    def inner_loss(self, params: Params, step: int) -> torch.Tensor:
-        del step
-        return self.loss_fn(model_call(self.model, params, self.support_x), self.support_y)
-
-    def outer_loss(self, params: Params, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        del step
-        prediction = model_call(self.model, params, self.query_x)
-        loss = self.loss_fn(prediction, self.query_y)
-        if self.query_y.is_floating_point():
-            return loss, None
-        return loss, (prediction.argmax(-1) == self.query_y).float().mean().detach()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -32,9 +33,14 @@ from tqdm.auto import tqdm
 
 from metaopt.training.checkpoint import write_text
 
-__all__ = ["METRICS_FILE", "RunLogger", "read_metrics", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "RunLogger", "note", "read_metrics", "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def note(message: str) -> None:
+    """Tell the user what a long step is doing (``decoding Omniglot...``): a line on stderr, above a progress bar."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

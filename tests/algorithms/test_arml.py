@@ -11,7 +11,8 @@ from torch import nn
 from metaopt.algorithms import ARML, MAML
 from metaopt.algorithms.arml import ARMLOptions, GatedInitialisation, GRUAutoencoder, KnowledgeGraph, embedding_network
 from metaopt.options import ConfigError
-from metaopt.problems.episode import Episode, EpisodeTask, default_loss
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask, default_loss
 from metaopt.registry import BuildContext, entry
 from metaopt.training.config import Section, load_preset
 from tests.helpers import meta_grads, tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch

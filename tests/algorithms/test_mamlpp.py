@@ -13,7 +13,7 @@ from metaopt.engine.meta_learner import MetaLearner
 from metaopt.engine.per_step_batchnorm import PerStepBatchNorm, per_step_batchnorm
 from metaopt.engine.rules import LearnedRates, per_step_sgd
 from metaopt.options import ConfigError
-from metaopt.problems.episode import EpisodeTask, default_loss
+from metaopt.problems.episode_task import EpisodeTask, default_loss
 from metaopt.problems.sampling import EpisodeSampler
 from metaopt.registry import BuildContext, entry
 from metaopt.training.config import Section, TrainerConfig, load_preset

@@ -10,7 +10,8 @@ from metaopt.algorithms import MAML, MTNet
 from metaopt.algorithms.mtnet import MaskedSGD, MTNetOptions, TNetOptions, Transform, insert_transforms
 from metaopt.engine.rules import StepInfo, sgd
 from metaopt.options import ConfigError
-from metaopt.problems.episode import Episode, EpisodeTask, default_loss
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask, default_loss
 from metaopt.registry import BuildContext, entry
 from metaopt.training.config import RunConfig, Section, load_preset
 from metaopt.training.experiment import build_experiment

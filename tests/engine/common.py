@@ -12,7 +12,8 @@ from metaopt.engine.functional import Params, named_params
 from metaopt.engine.inner import InnerLoop, resolve_weights
 from metaopt.engine.meta_learner import TaskOutputs
 from metaopt.engine.per_step_batchnorm import PerStepBatchNorm
-from metaopt.problems.episode import Episode, EpisodeTask, LossFn
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask, LossFn
 
 __all__ = ["STEPS", "bn_with_stats", "images", "inputs", "per_step_bn", "run_tasks", "stats"]
 

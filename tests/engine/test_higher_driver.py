@@ -11,7 +11,7 @@ from metaopt.engine.functional import named_params
 from metaopt.engine.higher_driver import HigherLoop, HigherRule
 from metaopt.engine.meta_learner import MetaLearner
 from metaopt.engine.rules import sgd
-from metaopt.problems.episode import EpisodeTask
+from metaopt.problems.episode_task import EpisodeTask
 from tests.helpers import assert_close_dicts, meta_grads, tiny_convnet, toy_classification_batch
 
 BN_SHIFTED = ("0.0.bias", "1.0.bias")  # conv biases right before batch norm: zero gradient up to rounding

@@ -14,7 +14,8 @@ from metaopt.engine.functional import Params, model_call, named_params
 from metaopt.engine.inner import InnerLoop, resolve_weights
 from metaopt.engine.rules import StepInfo, UpdateRule, per_step_sgd, sgd
 from metaopt.engine.step_context import current_inner_step, in_outer_pass
-from metaopt.problems.episode import Episode, EpisodeTask
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask
 from metaopt.problems.problem import Problem
 from tests.engine.common import run_tasks
 from tests.helpers import assert_close_dicts, tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch

@@ -20,7 +20,8 @@ from metaopt.engine.learner import Evaluation
 from metaopt.engine.meta_learner import AdaptedModel, MetaLearner, adapted_parameter_names, head_parameter_names
 from metaopt.engine.rules import UpdateRule, sgd
 from metaopt.models import MLP, Conv4
-from metaopt.problems.episode import Episode, EpisodeTask
+from metaopt.problems.episode import Episode
+from metaopt.problems.episode_task import EpisodeTask
 from tests.helpers import (
     assert_close_dicts,
     meta_grads,
