@@ -94,8 +94,8 @@ def _add_options(group: argparse._ArgumentGroup, options: type[Options], prefix:
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(hint) is tuple:
             group.add_argument(_flag(f.name), nargs="*", type=typing.get_args(hint)[0], metavar="V", **common)
-        elif typing.get_origin(hint) is typing.Literal:
-            group.add_argument(_flag(f.name), choices=typing.get_args(hint), **common)
+        elif typing.get_origin(hint) is typing.Literal or f.name in options.choices:
+            group.add_argument(_flag(f.name), choices=options.choices.get(f.name) or typing.get_args(hint), **common)
         elif type(None) in typing.get_args(hint):
             group.add_argument(_flag(f.name), type=_optional(args[0]), **common)
         else:

@@ -110,10 +110,13 @@ class Options:
 
     Subclasses declare fields with defaults and document each in an ``Args:`` section (that text
     is the command line's help); they override :meth:`check` for checks across fields, calling
-    ``super().check()``. Fields listed in ``positive`` must be > 0 when set.
+    ``super().check()``. Fields listed in ``positive`` must be > 0 when set; a field in
+    ``choices`` must hold one of its values (for choices kept elsewhere, such as the engine's
+    strategies; fixed ones are ``Literal`` fields).
     """
 
     positive: ClassVar[tuple[str, ...]] = ()
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -127,6 +130,11 @@ class Options:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"option {name!r} must be > 0, got {value}")
+        for name, allowed in self.choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"option {name!r} must be one of {allowed}, got {value!r}"
+                                  f"{closest(value, list(allowed)) if isinstance(value, str) else ''}")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -95,3 +95,18 @@ def test_help_comes_from_the_docstrings_of_the_class_and_its_bases():
     helps = field_help(Derived)
     assert helps["lr"] == "the step size, a long description that goes on over two lines"
     assert helps["extra"] == "one more" and set(helps) == {"lr", "steps", "mode", "sizes", "clip", "extra"}
+
+
+@dataclass(frozen=True)
+class WithChoices(Options):
+    """Choices kept elsewhere."""
+
+    choices = {"kind": ("loop", "vmap")}
+    kind: str = "loop"
+
+
+def test_choices_kept_elsewhere_are_checked_with_a_suggestion():
+    assert WithChoices(kind="vmap").kind == "vmap"
+    with pytest.raises(ConfigError, match=r"option 'kind' must be one of \('loop', 'vmap'\), got 'vmapp' "
+                                          r"\(did you mean 'vmap'\?\)"):
+        WithChoices(kind="vmapp")

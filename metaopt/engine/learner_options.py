@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from metaopt.engine.batching import STRATEGIES
 from metaopt.engine.batchnorm import POLICIES
-from metaopt.options import ConfigError, Options, closest
+from metaopt.options import ConfigError, Options
 
 __all__ = ["AdaptOptions", "InnerLoopOptions", "SecondOrderOptions"]
 
@@ -39,18 +39,11 @@ class InnerLoopOptions(Options):
     """
 
     positive = ("inner_steps", "eval_inner_steps")
+    choices = {"strategy": STRATEGIES, "bn_policy": tuple(POLICIES)}
     inner_steps: int = 1
     eval_inner_steps: int | None = None
     strategy: str = "auto"
     bn_policy: str = "batch"
-
-    def check(self) -> None:
-        super().check()
-        for name, choices in (("strategy", STRATEGIES), ("bn_policy", tuple(POLICIES))):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"option {name!r} must be one of {choices}, got {value!r}"
-                                  f"{closest(value, list(choices))}")
 
 
 @dataclass(frozen=True)
