@@ -12,7 +12,8 @@ from metaopt.options import ConfigError
 from metaopt.problems.episode import Episode, EpisodeError
 from metaopt.problems.sampling import EpisodeSampler, TaskSampler
 from metaopt.training.config import RunConfig, TrainerConfig, load_preset
-from metaopt.training.trainer import MetaTrainer
+from metaopt.training.experiment import load_run
+from metaopt.training.trainer import Interrupted, MetaTrainer
 
 __all__ = [
     "AdaptedModel",
@@ -21,6 +22,7 @@ __all__ = [
     "Episode",
     "EpisodeError",
     "EpisodeSampler",
+    "Interrupted",
     "Learner",
     "MetaLearner",
     "MetaTrainer",
@@ -30,4 +32,5 @@ __all__ = [
     "TrainerConfig",
     "batchnorm_policy",
     "load_preset",
+    "load_run",
 ]

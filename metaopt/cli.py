@@ -36,9 +36,9 @@ from metaopt.options import ConfigError, Options, field_help
 from metaopt.registry import Kind, entry, load_plugins, names
 from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.config import RunConfig, Section, TrainerConfig, load_preset, preset_names
-from metaopt.training.experiment import default_run_dir, evaluate_run, train
+from metaopt.training.experiment import RunCompleteError, default_run_dir, evaluate_run, train
 from metaopt.training.legacy import read_run_config
-from metaopt.training.trainer import RESUMABLE_CHANGES, NonFiniteError
+from metaopt.training.trainer import RESUMABLE_CHANGES, Interrupted, NonFiniteError
 
 __all__ = ["build_parser", "main"]
 
@@ -172,6 +172,7 @@ _COMMANDS: dict[str, tuple[str, str, list[tuple[tuple[str, ...], dict[str, Any]]
                  (("--steps",), {"type": _positive, "help": "inner steps (default: the learner's evaluation steps)"}),
                  (("--split",), {"choices": ("test", "val"), "default": "test",
                                  "help": "problem split (default: test)"}),
+                 (("--threads",), {"type": _positive, "help": "intra-op CPU threads (default: the run's)"}),
              ]),
     "compare": ("compare runs: a table of their results, a chart of their curves",
                 "Print a Markdown table with one row per run (config, result ± 95%% CI with its protocol from "
@@ -222,6 +223,8 @@ def build_parser(config: RunConfig | None = None, parts: dict[str, Section | Non
                             help=f"fixes the initialisation and the problem streams (now: {config.seed})")
         common.add_argument("--device", dest="run.device", default=argparse.SUPPRESS,
                             help=f"'auto' (CUDA when available), 'cpu', 'cuda:0'... (now: {config.device})")
+        common.add_argument("--threads", dest="run.threads", type=_optional(int), default=argparse.SUPPRESS,
+                            help=f"intra-op CPU threads; none: torch's default (now: {config.threads})")
         _add_options(common, TrainerConfig, "trainer", config.trainer)
         parts = {section: getattr(config, section) for section in _SECTIONS} if parts is None else parts
         for section, kind in _SECTIONS.items():
@@ -300,12 +303,24 @@ def _train(argv: Sequence[str]) -> int:
     config = config.replace(**changes)
     run_dir = args.resume or args.run_dir or default_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-    _report(train(config, run_dir, resume=args.resume is not None), Path(run_dir) / "final.json")
+    try:
+        final = train(config, run_dir, resume=args.resume is not None)
+    except Interrupted as stop:
+        kept = "" if stop.saved == stop.iteration else f" (last.pt holds iteration {stop.saved}: the meta-updates " \
+                                                         "since were not finite)"
+        print(f"interrupted at iteration {stop.iteration}{kept}; resume with: metaopt train --resume {run_dir}",
+              file=sys.stderr)
+        return 128 + stop.signum
+    except RunCompleteError as done:
+        print(done)
+        return 0
+    _report(final, Path(run_dir) / "final.json")
     return 0
 
 
 def _report(record: dict[str, Any], path: Path) -> None:
-    """Print an evaluation record: the result with its protocol, and a learned optimizer's baselines table."""
+    """Print an evaluation record: the checkpoint, the result with its protocol, and a learned optimizer's table."""
+    print(f"{record['split']} problems, checkpoint {record['checkpoint']} (iteration {record['checkpoint_iteration']})")
     print(record["summary"])
     if "baselines" in record:
         print(record["baselines"]["table"])
@@ -313,7 +328,8 @@ def _report(record: dict[str, Any], path: Path) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    record = evaluate_run(args.run, args.checkpoint, episodes=args.episodes, steps=args.steps, split=args.split)
+    record = evaluate_run(args.run, args.checkpoint, episodes=args.episodes, steps=args.steps, split=args.split,
+                          threads=args.threads)
     _report(record, args.run / "eval.json")
     return 0
 
@@ -351,12 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
         commands = {"eval": _eval, "compare": _compare, "bench": _bench}
         return commands[args.command](args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:  # the user's input, or data that is not where it should be
         print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 2
     except (CheckpointError, NonFiniteError, RunDirError) as err:
         print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"metaopt {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ def test_default_run_dir_is_readable_and_fresh(tmp_path, monkeypatch):
 def test_eval_prints_and_writes_the_result(finished_run, capsys):
     assert main(["eval", "--run", str(finished_run), "--checkpoint", "last", "--episodes", "10", "--steps", "2"]) == 0
     out = capsys.readouterr().out
+    assert "test problems, checkpoint last.pt (iteration 6)" in out
     record = json.loads((finished_run / "eval.json").read_text())
     assert record["summary"] in out
     assert "inner_steps=2, episodes=10" in record["summary"]
@@ -220,6 +221,67 @@ def test_a_run_that_diverges_stops_with_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "NaN or infinite for 2 meta-updates in a row (iterations 1..2)" in err
     assert f"{run / 'last.pt'} (iteration 0), is intact" in err
+
+
+def test_a_run_stopped_by_nonfinite_losses_resumes_with_the_fixes_its_message_suggests(tmp_path, capsys):
+    run = tmp_path / "run"
+    meta = ["--meta-lr", "1e30", "--max-nonfinite", "2"]  # the first update is finite, then the meta-parameters blow up
+    assert main(["train", *TINY, *meta, "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite for 2 meta-updates in a row (iterations 2..3)" in err and "Lower meta_lr" in err
+    good = load_checkpoint(run / "last.pt")
+    assert good["iteration"] == 0  # iteration 3 was due for a checkpoint, but within the streak: none written
+    assert main(["train", "--resume", str(run), "--meta-lr", "1e-3", "--max-nonfinite", "5", "--grad-clip", "1"]) == 0
+    config = json.loads((run / "config.json").read_text())["trainer"]
+    assert (config["meta_lr"], config["max_nonfinite"], config["grad_clip"]) == (1e-3, 5, 1.0)
+    assert read_metrics(run / "metrics.jsonl")[-1]["iteration"] == 6
+
+
+def test_resuming_a_finished_run_says_so_and_leaves_its_result(finished_run, capsys):
+    written = (finished_run / "final.json").read_text()
+    assert main(["train", "--resume", str(finished_run)]) == 0
+    assert f"{finished_run} is complete (iteration 6 of 6); final.json is left as it was" in capsys.readouterr().out
+    assert (finished_run / "final.json").read_text() == written
+
+
+def test_threads_are_an_option_recorded_with_the_run(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--threads", "1", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["threads"] == 1
+    assert main(["eval", "--run", str(run), "--threads", "1", "--episodes", "4"]) == 0
+
+
+def test_redirected_output_gets_plain_progress_lines_and_the_log_file_too(tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "metaopt.cli", "train", *TINY, "--run-dir", str(run)], env=ENV,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("iteration ")]
+    assert lines[0].startswith("iteration 1/6 (16.7%), loss ") and "tasks/s, training time 0:00:" in lines[0]
+    assert lines[-1].startswith("iteration 6/6 (100.0%)") and "left 0:00:00" in lines[-1]
+    log = (run / "train.log").read_text()
+    assert lines[-1] in log and "iteration 3: evaluating on 20 validation problems" in log
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--device", "cuda"], "device 'cuda' asked for, but torch sees no CUDA device here; use --device cpu"),
+    (["train", "--bn-policy", "running", "--strategy", "vmap"],
+     "algorithm 'maml': strategy='vmap' is not available: batch-norm policy 'running' writes statistics shared"),
+    (["train", "--preset", "maml-omniglot-5w1s", "--data-root", "/nonexistent"], "/nonexistent/omniglot"),
+])
+def test_user_errors_end_in_one_error_line_and_exit_code_2(tmp_path, capsys, argv, message):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_a_run_directory_that_is_a_file_is_refused(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert main(["train", *TINY, "--run-dir", str(file)]) == 2
+    assert f"run directory {file} is a file" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_config_but_may_extend_the_run(tmp_path, capsys):
@@ -299,36 +361,36 @@ def test_a_learned_optimizer_run_is_scored_against_tuned_baselines(tmp_path, cap
 # ------------------------------------------------------------------------------ SIGKILL and resume
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PROCESS_ARGS = ["--iterations", "400", "--hidden", "8", "--meta-batch", "2", "--shots", "5", "--log-every", "10",
+                "--checkpoint-every", "20", "--eval-every", "150", "--eval-episodes", "20"]
+
+
 def _train_process(run: Path, *extra: str) -> list[str]:
-    args = ["--iterations", "400", "--hidden", "8", "--meta-batch", "2", "--shots", "5", "--log-every", "10",
-            "--checkpoint-every", "20", "--eval-every", "150", "--eval-episodes", "20"]
-    return [sys.executable, "-m", "metaopt.cli", "train", *(extra or (*args, "--run-dir", str(run)))]
+    return [sys.executable, "-m", "metaopt.cli", "train", *(extra or (*PROCESS_ARGS, "--run-dir", str(run)))]
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    reference = subprocess.Popen(_train_process(ref), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_train_process(run), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """The 400-iteration run, uninterrupted, in its own process (as the interrupted ones are)."""
+    ref = tmp_path_factory.mktemp("reference") / "ref"
+    done = subprocess.run(_train_process(ref), env=ENV, cwd=ref.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return ref
+
+
+def _start_and_wait(run: Path, iteration: int = 50, **popen: object) -> subprocess.Popen:
+    """A training process for ``run``, returned once it has logged ``iteration``."""
+    process = subprocess.Popen(_train_process(run), env=ENV, cwd=run.parent, **popen)
     deadline = time.monotonic() + 90
-    while not (records := read_metrics(run / "metrics.jsonl")) or records[-1]["iteration"] < 50:
-        assert victim.poll() is None, "the run ended before it could be killed"
+    while not (records := read_metrics(run / "metrics.jsonl")) or records[-1]["iteration"] < iteration:
+        assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = read_metrics(run / "metrics.jsonl")[-1]["iteration"]
-    checkpoint_at = load_checkpoint(run / "last.pt")["iteration"]
-    assert victim.returncode == -signal.SIGKILL and 0 < checkpoint_at < killed_at < 400
+    return process
 
-    resumed = subprocess.run(_train_process(run, "--resume", str(run)), env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    _, stderr = reference.communicate(timeout=300)
-    assert reference.returncode == 0, stderr
 
+def _assert_same_run(run: Path, ref: Path) -> None:
     ours, theirs = (load_checkpoint(d / "last.pt") for d in (run, ref))
     assert ours["iteration"] == theirs["iteration"] == 400
     assert ours["model"].keys() == theirs["model"].keys()
@@ -341,6 +403,62 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     assert final_ours["result"] == final_theirs["result"]
     untimed = [{k: v for k, v in final["train"].items() if k != "time"} for final in (final_ours, final_theirs)]
     assert untimed[0] == untimed[1]
+
+
+def _resume(run: Path) -> subprocess.CompletedProcess:
+    resumed = subprocess.run(_train_process(run, "--resume", str(run)), env=ENV, cwd=run.parent, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    return resumed
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, reference_run):
+    run = tmp_path / "run"
+    victim = _start_and_wait(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = read_metrics(run / "metrics.jsonl")[-1]["iteration"]
+    checkpoint_at = load_checkpoint(run / "last.pt")["iteration"]
+    assert victim.returncode == -signal.SIGKILL and 0 < checkpoint_at < killed_at < 400
+    (run / f".last.pt.{victim.pid}.tmp").write_bytes(b"torn")  # what a write killed half way leaves
+    _resume(run)
+    assert not list(run.glob(".*.tmp"))  # cleaned up when the run starts again
+    _assert_same_run(run, reference_run)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_checkpoints_the_iteration_reached_and_resumes_to_the_uninterrupted_result(
+        tmp_path, reference_run, signum, code):
+    run = tmp_path / "run"
+    process = _start_and_wait(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted at iteration")]
+    stopped = int(line.split()[3].rstrip(";"))
+    assert line == f"interrupted at iteration {stopped}; resume with: metaopt train --resume {run}"
+    assert "Traceback" not in err and 50 <= stopped < 400
+    assert load_checkpoint(run / "last.pt")["iteration"] == stopped  # not the periodic checkpoint before it
+    assert f"stopped after iteration {stopped}" in (run / "train.log").read_text()
+    resumed = _resume(run)
+    assert f"resuming {run} from iteration {stopped}" in resumed.stderr
+    _assert_same_run(run, reference_run)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    run = tmp_path / "run"
+    slow = [*PROCESS_ARGS, "--eval-every", "60", "--eval-episodes", "100000", "--run-dir", str(run)]
+    process = subprocess.Popen(_train_process(run, *slow), env=ENV, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while "evaluating on 100000" not in (run / "train.log").read_text() if (run / "train.log").exists() else True:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # during a long validation: the run would stop after it...
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # ...but a second Ctrl-C stops it now
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "metaopt train: interrupted" in err and "Traceback" not in err
 
 
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):

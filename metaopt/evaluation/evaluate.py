@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from metaopt.engine.learner import Learner
 
@@ -55,11 +56,11 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(learner: Learner, problems: Any, episodes: int = 600, steps: int | None = None,
-             device: torch.device | str | None = None) -> EvalResult:
+             device: torch.device | str | None = None, progress: str | None = None) -> EvalResult:
     """Adapt (or optimize) on ``episodes`` problems of ``problems`` and score each (:meth:`Learner.evaluate`).
 
     Few-shot classification reports query accuracy, regression the query mean squared error, a
-    learned optimizer the mean loss of its run.
+    learned optimizer the mean loss of its run. ``progress`` names a bar shown on a terminal.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -68,11 +69,13 @@ def evaluate(learner: Learner, problems: Any, episodes: int = 600, steps: int | 
     values: list[torch.Tensor] = []
     metric = None
     index = problems.start
-    while sum(v.numel() for v in values) < episodes:
-        scored = learner.evaluate(problems.batch(index).to(device), steps)
-        metric = scored.metric
-        values.append(scored.values.cpu())
-        index += 1
+    with tqdm(total=episodes, desc=progress, unit="problem", leave=False, disable=None if progress else True) as bar:
+        while sum(v.numel() for v in values) < episodes:
+            scored = learner.evaluate(problems.batch(index).to(device), steps)
+            metric = scored.metric
+            values.append(scored.values.cpu())
+            bar.update(min(scored.values.numel(), episodes - bar.n))
+            index += 1
     per_problem = torch.cat(values)[:episodes]
     protocol = {**problems.protocol(), "inner_steps": steps, "episodes": episodes, **learner.protocol()}
     return EvalResult(metric, per_problem.mean().item(), confidence_interval(per_problem), episodes, protocol)

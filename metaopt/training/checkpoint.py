@@ -42,6 +42,7 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint",
     "load_module_state",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_checkpoint",
     "write_json",
@@ -80,6 +81,21 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed in ``folder`` left (``.name.<pid>.tmp`` of other processes).
+
+    Returns the files removed. This process's own temporary files (a write under way) are kept.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -172,6 +172,7 @@ class RunConfig:
         seed: fixes the initialisation and the problem streams (few-shot: train, validation and
             test tasks use the seeds 3·seed, 3·seed + 1 and 3·seed + 2).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"...
+        threads: intra-op CPU threads of training and evaluation (None: torch's default, one per core).
     """
 
     algorithm: Section
@@ -181,16 +182,27 @@ class RunConfig:
     baselines: BaselinesConfig | None = None
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        for name, kind, what in (("seed", int, "an integer"), ("threads", int | None, "an integer or null"),
+                                 ("device", str, "a string")):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"config field {name!r} must be {what}, got {value!r}")
         if self.seed < 0:
             raise ConfigError(f"config field 'seed' must be >= 0, got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"config field 'threads' must be >= 1, got {self.threads}")
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                device = torch.device(self.device)
             except RuntimeError as err:
                 raise ConfigError(f"config field 'device' must be 'auto' or a torch device such as 'cpu' or "
                                   f"'cuda:0', got {self.device!r}") from err
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA device here; use "
+                                  "--device cpu (or auto, which takes CUDA when there is one)")
         problems = self.algorithm.entry.problems
         if self.data.entry.problems != problems:
             fitting = [name for name in names("dataset") if entry("dataset", name).problems == problems]
@@ -230,7 +242,7 @@ class RunConfig:
         return cls(**sections, trainer=TrainerConfig.from_dict(raw.get("trainer", {}), owner="the trainer"),
                    baselines=None if raw.get("baselines") is None else
                    BaselinesConfig.from_dict(raw["baselines"], owner="the baselines section"),
-                   **{k: raw[k] for k in ("seed", "device") if k in raw})
+                   **{k: raw[k] for k in ("seed", "device", "threads") if k in raw})
 
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
@@ -248,8 +260,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-ready values."""
-        out: dict[str, Any] = {"seed": self.seed, "device": self.device, "trainer": self.trainer.to_dict(),
-                               "data": self.data.to_dict()}
+        out: dict[str, Any] = {"seed": self.seed, "device": self.device, "threads": self.threads,
+                               "trainer": self.trainer.to_dict(), "data": self.data.to_dict()}
         if self.model is not None:
             out["model"] = self.model.to_dict()
         out["algorithm"] = self.algorithm.to_dict()

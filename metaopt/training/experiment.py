@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +34,16 @@ from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators import Backprop, Estimator
 from metaopt.evaluation.evaluate import EvalResult, evaluate
 from metaopt.evaluation.tuned_baselines import compare_with_baselines
+from metaopt.options import ConfigError
 from metaopt.registry import BuildContext
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state, write_json
 from metaopt.training.config import RunConfig
 from metaopt.training.legacy import convert_state, read_run_config
+from metaopt.training.logging import note
 from metaopt.training.trainer import MetaTrainer
 
-__all__ = ["SPLITS", "Experiment", "build_experiment", "default_run_dir", "evaluate_run", "load_learner",
-           "resolve_device", "train"]
+__all__ = ["SPLITS", "Experiment", "RunCompleteError", "build_experiment", "default_run_dir", "evaluate_run",
+           "intra_op_threads", "load_learner", "load_run", "resolve_device", "train"]
 
 SPLITS = ("train", "val", "test")
 
@@ -65,7 +69,12 @@ class Experiment:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = None if config.model is None else config.model.entry.build(config.model.options, example)
-            built = config.algorithm.entry.build(config.algorithm.options, BuildContext(model, example))
+            try:
+                built = config.algorithm.entry.build(config.algorithm.options, BuildContext(model, example))
+            except ConfigError:
+                raise
+            except ValueError as err:  # the algorithm refuses this combination of options: a config error
+                raise ConfigError(f"algorithm {config.algorithm.name!r}: {err}") from err
         learner, estimator = built if isinstance(built, tuple) else (built, Backprop())
         self.learner: Learner = learner.to(self.device)
         self.estimator: Estimator = estimator
@@ -144,6 +153,22 @@ def _baselines(experiment: Experiment, split: str, count: int, steps: int | None
                                   count, steps, run_dir / "baselines.png", **settings)
 
 
+class RunCompleteError(Exception):
+    """``train(..., resume=True)`` on a run that has done its iterations; ``final.json`` is left as it was."""
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Torch's intra-op CPU threads set to ``count`` inside the context (``None``: unchanged), restored on exit."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Meta-train as ``config`` says, then score the best checkpoint on the test problems.
 
@@ -161,23 +186,41 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
         checkpoint it used, for learned optimizers the ``baselines`` comparison, and the trainer's
         ``train`` summary (:meth:`MetaTrainer.fit`: final iteration, ``stopped_by`` iterations or
         time budget, training and total wall time).
+
+    Raises:
+        RunCompleteError: ``resume`` of a run that has done its iterations (or spent its time budget)
+            and has its ``final.json``: nothing is trained or rewritten (``metaopt eval``
+            re-evaluates; a larger ``iterations`` or ``time_budget`` trains on).
+        metaopt.training.trainer.Interrupted: SIGINT or SIGTERM; ``last.pt`` holds the iteration reached.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; pass a folder (it is created if missing)")
     if not resume:
         _seed_global_generators(config.seed)
-    experiment = build_experiment(config)
-    trainer = MetaTrainer(experiment.learner, experiment.problems("train"), config, estimator=experiment.estimator,
-                          val_problems=experiment.problems("val"), run_dir=run_dir, device=experiment.device)
-    summary = trainer.fit(resume=resume)
-    best = run_dir / "best.pt"
-    _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test", None, None)
+    with intra_op_threads(config.threads):
+        experiment = build_experiment(config)
+        trainer = MetaTrainer(experiment.learner, experiment.problems("train"), config,
+                              estimator=experiment.estimator, val_problems=experiment.problems("val"),
+                              run_dir=run_dir, device=experiment.device)
+        if resume:
+            trainer.restore()
+            if trainer.finished and (run_dir / "final.json").exists():
+                raise RunCompleteError(f"{run_dir} is complete (iteration {trainer.iteration} of "
+                                  f"{config.trainer.iterations}); final.json is left as it was. Evaluate it again "
+                                  f"with: metaopt eval --run {run_dir}; train it on with a larger --iterations")
+            note(f"resuming {run_dir} from iteration {trainer.iteration}")
+        summary = trainer.fit(resume=resume)
+        best = run_dir / "best.pt"
+        _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test", None,
+                                         None)
     final = {**record, "run_dir": str(run_dir), "train": summary}
     write_json(run_dir / "final.json", final)
     return final
 
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", episodes: int | None = None, steps: int | None = None,
-                 split: str = "test") -> dict[str, Any]:
+                 split: str = "test", threads: int | None = None) -> dict[str, Any]:
     """Evaluate checkpoint ``best`` or ``last`` of a run and write the record to ``run_dir/eval.json``.
 
     Args:
@@ -187,6 +230,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", episodes: int | 
             else its ``eval_episodes``).
         steps: inner steps (default: the learner's evaluation steps).
         split: ``"test"`` or ``"val"`` problems.
+        threads: intra-op CPU threads (default: the run's ``threads``).
 
     Returns:
         The record written: ``result`` and ``summary``, and for learned optimizers ``baselines``
@@ -195,10 +239,30 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", episodes: int | 
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     run_dir = Path(run_dir)
-    experiment = build_experiment(read_run_config(run_dir / "config.json"))
-    _, record = _evaluate_checkpoint(experiment, run_dir / f"{checkpoint}.pt", split, episodes, steps)
+    config = read_run_config(run_dir / "config.json")
+    with intra_op_threads(threads or config.threads):
+        experiment = build_experiment(config)
+        _, record = _evaluate_checkpoint(experiment, run_dir / f"{checkpoint}.pt", split, episodes, steps)
     write_json(run_dir / "eval.json", record)
     return record
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: torch.device | str = "cpu") -> Learner:
+    """The learner a run trained, with the weights of its ``best`` (best validation) or ``last`` checkpoint.
+
+    It is the run's algorithm object (``MAML``, ``MetaSGD``, an ``OptimizerLearner``...), in
+    evaluation mode: adapt it to a new task (``learner.adapt_to(support_x, support_y)`` for few-shot
+    learners) or take its rule (``learner.rule`` of a learned optimizer).
+
+    Example::
+
+        learner = metaopt.load_run("runs/omniglot-5w1s", checkpoint="best")
+        predict = learner.adapt_to(support_x, support_y)     # no query labels needed
+        labels = predict(query_x).argmax(-1)
+    """
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    return load_learner(Path(run_dir) / f"{checkpoint}.pt", device).eval()
 
 
 def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learner:

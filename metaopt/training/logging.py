@@ -1,4 +1,4 @@
-"""Run logging: TensorBoard scalars, one ``metrics.jsonl`` line per logged iteration, a tqdm bar.
+"""Run logging: TensorBoard scalars and one ``metrics.jsonl`` line per logged iteration.
 
 Every logged iteration is one flat record ``{"iteration": i, "train/loss": ..., "val/mse": ...}``:
 its keys are the TensorBoard tags, and the same record is appended to ``metrics.jsonl`` in the
@@ -11,7 +11,7 @@ checkpoint (``purge_step``), so a resumed run's logs equal an uninterrupted run'
 Example:
     >>> import tempfile
     >>> run = tempfile.mkdtemp()
-    >>> with RunLogger(run, total=2) as log:
+    >>> with RunLogger(run) as log:
     ...     log.log(1, {"train/loss": 0.5})
     ...     log.log(2, {"train/loss": float("nan")})
     >>> read_metrics(f"{run}/metrics.jsonl")
@@ -75,15 +75,14 @@ def _hparam_value(value: Any) -> int | float | str | bool:
 
 
 class RunLogger:
-    """Writes logged iterations to TensorBoard and ``metrics.jsonl`` and drives a progress bar.
+    """Writes logged iterations to TensorBoard and ``metrics.jsonl`` (progress: :mod:`metaopt.training.progress`).
 
     Args:
         run_dir: folder for the event files and ``metrics.jsonl``; ``None`` writes no files.
-        total: iterations of the whole run (length of the progress bar).
         start: iterations already done (a resumed run); later records and events are dropped.
     """
 
-    def __init__(self, run_dir: str | Path | None, total: int, start: int = 0) -> None:
+    def __init__(self, run_dir: str | Path | None, start: int = 0) -> None:
         self._writer: SummaryWriter | None = None
         self._file = None
         if run_dir is not None:
@@ -91,7 +90,6 @@ class RunLogger:
             truncate_metrics(path, start)
             self._file = open(path, "a")  # noqa: SIM115  (closed in close())
             self._writer = SummaryWriter(str(run_dir), purge_step=start + 1)
-        self._bar = tqdm(total=total, initial=start, desc="meta-train", unit="it", dynamic_ncols=True, disable=None)
 
     def log(self, iteration: int, metrics: Mapping[str, float]) -> None:
         """Record ``metrics`` (tag -> value) for ``iteration``."""
@@ -103,11 +101,6 @@ class RunLogger:
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
 
-    def advance(self, figures: Mapping[str, float]) -> None:
-        """Move the progress bar one iteration on and show ``figures`` beside it."""
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()}, refresh=False)
-        self._bar.update(1)
-
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Record the run's hyper-parameters and final figures for TensorBoard's HParams tab."""
         if self._writer is not None:
@@ -115,7 +108,6 @@ class RunLogger:
                                      {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
     def close(self) -> None:
-        self._bar.close()
         if self._writer is not None:
             self._writer.close()
         if self._file is not None:

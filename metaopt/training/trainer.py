@@ -11,7 +11,12 @@ and learned optimizers go through the same loop.
 
 The run ends after ``iterations`` meta-updates, or with ``time_budget`` after the meta-update
 during which the budget runs out; either way the last iteration is evaluated and checkpointed.
-The budget counts training time (:mod:`metaopt.training.clock`).
+The budget counts training time (:mod:`metaopt.training.clock`): validation and test are not part
+of it. SIGINT (Ctrl-C) and SIGTERM stop the run after the meta-update under way: ``last.pt`` is
+written at that iteration and :class:`Interrupted` is raised (a second Ctrl-C stops at once).
+During a streak of non-finite meta-updates no checkpoint is written, so ``last.pt`` stays the
+last good state. Progress shows on a terminal, as plain lines when the output is redirected, and
+in ``train.log`` (:mod:`metaopt.training.progress`).
 
 A run directory holds ``config.json``, ``metrics.jsonl``, TensorBoard events, ``last.pt`` and
 ``best.pt``. ``fit(resume=True)`` restores ``last.pt`` (parameters, optimizer and schedule, the
@@ -32,8 +37,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +56,7 @@ from metaopt.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_module_state,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
     write_json,
@@ -55,19 +65,36 @@ from metaopt.training.clock import Clock
 from metaopt.training.config import RunConfig, TrainerConfig
 from metaopt.training.legacy import convert_state, read_run_config
 from metaopt.training.logging import RunLogger
+from metaopt.training.progress import LOG_FILE, Progress
 from metaopt.training.schedules import cosine_meta_lr
 
-__all__ = ["RESUMABLE_CHANGES", "MetaTrainer", "NonFiniteError"]
+__all__ = ["RESUMABLE_CHANGES", "Interrupted", "MetaTrainer", "NonFiniteError"]
 
 HIGHER_IS_BETTER = ("accuracy",)
-#: Config entries a resumed run may change (dotted: section.option).
-RESUMABLE_CHANGES = ("trainer.iterations", "trainer.time_budget", "device")
+#: Config entries a resumed run may change (dotted: section.option): its length, and the fixes a run stopped by
+#: non-finite meta-updates needs.
+RESUMABLE_CHANGES = ("trainer.iterations", "trainer.time_budget", "trainer.max_nonfinite", "trainer.grad_clip",
+                     "trainer.grad_clip_value", "trainer.meta_lr", "device", "threads")
 _STATE_KEYS = ("algorithm", "meta_optimizer", "iteration", "model", "optimizer", "scheduler", "best", "nonfinite",
                "time", "rng")
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive meta-updates had a non-finite meta-loss or meta-gradient."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after a meta-update; ``last.pt`` holds that iteration (see ``saved``).
+
+    Attributes:
+        iteration: the meta-updates done.
+        signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``); the command line exits with ``128 + signum``.
+        saved: the iteration ``last.pt`` holds (older than ``iteration`` during a non-finite streak).
+    """
+
+    def __init__(self, iteration: int, signum: int, saved: int | None) -> None:
+        super().__init__(f"interrupted at iteration {iteration}")
+        self.iteration, self.signum, self.saved = iteration, signum, saved
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,6 +148,8 @@ class MetaTrainer:
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self._clock = Clock()
         self._saved_iteration: int | None = None
+        self._restored = False
+        self._stop: int | None = None  # the signal that asked the run to stop
 
     def epoch(self, iteration: int) -> int:
         """The epoch of meta-iteration ``iteration`` (``config.epoch_length`` iterations each)."""
@@ -181,6 +210,7 @@ class MetaTrainer:
             raise CheckpointError(f"checkpoint {path}: the meta-optimizer state does not fit ({err})") from err
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_meta_lr()
         self.estimator.load_state_dict(estimator["state"])
         self.iteration = int(state["iteration"])
         self.best = state["best"]
@@ -189,8 +219,19 @@ class MetaTrainer:
         restore_rng_state(state["rng"])
         self._saved_iteration = self.iteration
 
+    def _apply_meta_lr(self) -> None:
+        """Set the meta learning rate to this config's after loading a state saved with another (a resumable change)."""
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [self.config.meta_lr for _ in self.optimizer.param_groups]
+            factor = self._cosine_factor(self.scheduler.last_epoch)
+        else:
+            factor = 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.meta_lr * factor
+
     def _save(self, name: str) -> None:
         if self.run_dir is not None:
+            remove_stale_temporaries(self.run_dir)
             save_checkpoint(self.run_dir / name, self.state_dict())
             self._saved_iteration = self.iteration
 
@@ -209,32 +250,72 @@ class MetaTrainer:
         Raises:
             NonFiniteError: ``max_nonfinite`` consecutive non-finite meta-updates; the last
                 checkpoint written before them is left as it was.
+            Interrupted: SIGINT or SIGTERM; ``last.pt`` holds the iteration reached.
             CheckpointError: ``resume`` without a usable ``run_dir/last.pt``.
         """
-        if resume:
-            self._resume()
-        else:
+        if resume and not self._restored:
+            self.restore()
+        elif not resume:
             self._clock = Clock()  # the run starts now, not when the trainer was built
             self._start()
         summary: dict[str, Any] = {"train_loss": None, "val": None}
-        with RunLogger(self.run_dir, total=self.config.iterations, start=self.iteration) as log:
-            while self.iteration < self.config.iterations and not self._out_of_time():
-                summary["train_loss"], val = self._iterate(log)
+        budget = None if self.config.time_budget is None else 60 * self.config.time_budget
+        progress = Progress(self.config.iterations, self.train_problems.batch_size, self.iteration, self._spent(),
+                            budget, None if self.run_dir is None else self.run_dir / LOG_FILE)
+        with RunLogger(self.run_dir, start=self.iteration) as log, progress, self._stopping_on_signals():
+            while not self.finished:
+                summary["train_loss"], val = self._iterate(log, progress)
                 summary["val"] = val or summary["val"]
-            stopped_by = "iterations" if self.iteration >= self.config.iterations else "time_budget"
-            summary.update(iteration=self.iteration, stopped_by=stopped_by, best=self.best,
-                           nonfinite_skipped=self.nonfinite["total"])
+                if self._stop is not None:
+                    self._interrupt(progress)
+            summary.update(iteration=self.iteration, stopped_by="iterations" if self.iteration >= self.config.iterations
+                           else "time_budget", best=self.best, nonfinite_skipped=self.nonfinite["total"])
             figures = {"train_loss": summary["train_loss"], "best_val": self.best["value"] if self.best else None}
             log.log_hparams(_flat(self._recorded_config()), {k: v for k, v in figures.items() if v is not None})
         summary["time"] = self._clock.read()
         return summary
 
-    def _out_of_time(self) -> bool:
-        budget = self.config.time_budget
-        spent = self._clock.train_cpu_s if self.config.budget_clock == "cpu" else self._clock.train_s
-        return budget is not None and spent >= 60 * budget
+    @property
+    def finished(self) -> bool:
+        """Whether the run has done its iterations or spent its time budget."""
+        return self.iteration >= self.config.iterations or self._out_of_time()
 
-    def _iterate(self, log: RunLogger) -> tuple[float, dict[str, Any] | None]:
+    @contextlib.contextmanager
+    def _stopping_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM ask the loop to stop after the meta-update under way; a second SIGINT stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum: int, frame: object) -> None:
+            del frame
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = signum
+
+        previous = {signum: signal.signal(signum, ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _interrupt(self, progress: Progress) -> None:
+        if not self.nonfinite["in_a_row"]:
+            self._save("last.pt")
+        name = signal.Signals(self._stop).name
+        where = f"; last.pt holds iteration {self._saved_iteration}" if self.run_dir is not None else ""
+        progress.message(f"{name}: stopped after iteration {self.iteration}{where}")
+        raise Interrupted(self.iteration, self._stop, self._saved_iteration)
+
+    def _spent(self) -> float:
+        """Training time spent, by the budget's clock."""
+        return self._clock.train_cpu_s if self.config.budget_clock == "cpu" else self._clock.train_s
+
+    def _out_of_time(self) -> bool:
+        return self.config.time_budget is not None and self._spent() >= 60 * self.config.time_budget
+
+    def _iterate(self, log: RunLogger, progress: Progress) -> tuple[float, dict[str, Any] | None]:
         """One meta-update, then logging, evaluation and checkpoints when due; the loss and the evaluation.
 
         Whether the time budget runs out is known after the meta-update only, so the per-step
@@ -248,8 +329,10 @@ class MetaTrainer:
         last = done == config.iterations or self._out_of_time()
         record = {**metrics, **self._logged(), **self._clock.throughput()} if tracking or last else {}
         val, new_best = None, False
-        if self.val_problems is not None and (done % config.eval_every == 0 or last):
-            result = evaluate(self.learner, self.val_problems, config.eval_episodes, device=self.device)
+        if self.val_problems is not None and (done % config.eval_every == 0 or last) and self._stop is None:
+            progress.message(f"iteration {done}: evaluating on {config.eval_episodes} validation problems")
+            result = evaluate(self.learner, self.val_problems, config.eval_episodes, device=self.device,
+                              progress="validation")
             record.update({f"val/{result.metric}": result.mean, f"val/{result.metric}_ci95": result.ci95})
             val = {"metric": result.metric, "mean": result.mean, "ci95": result.ci95}
             new_best = self._update_best(result)
@@ -259,9 +342,11 @@ class MetaTrainer:
                            "time/elapsed_s": times["total_s"]})
         if new_best:
             self._save("best.pt")
-        if new_best or done % config.checkpoint_every == 0 or last:
+        due = new_best or done % config.checkpoint_every == 0 or last
+        if due and not self.nonfinite["in_a_row"]:
             self._save("last.pt")  # also on a new best, so that last.pt is never older than best.pt
-        log.advance({"loss": metrics["train/loss"], **({"best": self.best["value"]} if self.best else {})})
+        progress.update(done, self._spent(), {"loss": metrics["train/loss"],
+                                              **({"best": self.best["value"]} if self.best else {})})
         return metrics["train/loss"], val
 
     def _start(self) -> None:
@@ -274,11 +359,16 @@ class MetaTrainer:
         write_json(self.run_dir / "config.json", self._recorded_config())
         self._save("last.pt")  # iteration 0: a killed run can always be resumed
 
-    def _resume(self) -> None:
+    def restore(self) -> None:
+        """Load ``run_dir/last.pt`` to resume the run (:meth:`fit` with ``resume=True`` calls it), checking the config.
+
+        Only :data:`RESUMABLE_CHANGES` may differ from the run's ``config.json``, which is then rewritten.
+        """
         if self.run_dir is None:
             raise CheckpointError("resume=True needs the run_dir of the run to continue")
         path = self.run_dir / "last.pt"
         config_path = self.run_dir / "config.json"
+        remove_stale_temporaries(self.run_dir)
         if config_path.exists():
             # through the config class, so fields added since the run started compare at their defaults
             stored = (read_run_config(config_path) if self.run_config is not None else
@@ -292,6 +382,7 @@ class MetaTrainer:
                                       f"must keep its config (only {list(RESUMABLE_CHANGES)} may change)")
         self.load_state_dict(load_checkpoint(path, required=_STATE_KEYS), path)
         write_json(config_path, self._recorded_config())
+        self._restored = True
 
     def _train_step(self, track_steps: bool) -> dict[str, float]:
         """One meta-update from the estimator's meta-gradient; non-finite ones are skipped and counted."""

@@ -29,7 +29,7 @@ from metaopt.evaluation.tuned_baselines import (
 from metaopt.options import ConfigError
 from metaopt.problems.optimizees import TUNING_OFFSET, Optimizee, optimizee_stream
 from metaopt.training.config import load_preset
-from metaopt.training.experiment import evaluate_run, train
+from metaopt.training.experiment import RunCompleteError, evaluate_run, train
 
 KEYS = {"lr", "mean_f10", "ci95_f10", "median_f10", "mean_f20", "ci95_f20", "median_f20"}
 
@@ -143,8 +143,10 @@ def test_a_run_is_scored_against_the_baselines_and_writes_its_table_curves_and_r
     assert markdown.count("\n| ") == 3 + len(BASELINES)  # header, rule, the learned optimizer and the baselines
     assert markdown.startswith("3 test problems, 10-step horizon")
     assert final["summary"].startswith("loss ") and "episodes=3" in final["summary"]
-    again = train(tiny_quadratics(), tmp_path, resume=True)  # nothing left to train: the same evaluation
-    assert again["baselines"]["table"] == markdown and again["checkpoint_iteration"] == final["checkpoint_iteration"]
+    written = (tmp_path / "final.json").read_text()
+    with pytest.raises(RunCompleteError, match="is complete \\(iteration 4 of 4\\); final.json is left as it was"):
+        train(tiny_quadratics(), tmp_path, resume=True)  # nothing left to train
+    assert (tmp_path / "final.json").read_text() == written
     record = evaluate_run(tmp_path, episodes=2)
     assert record["baselines"]["table"].startswith("2 test problems, 10-step horizon")
     assert json.loads((tmp_path / "eval.json").read_text())["baselines"]["table"] == record["baselines"]["table"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -25,6 +26,7 @@ from metaopt.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_module_state,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
     write_json,
@@ -187,11 +189,24 @@ def test_trainer_checkpoint_of_another_algorithm_is_refused(tmp_path):
 def test_trainer_resume_with_another_config_is_refused(tmp_path):
     _trainer(tmp_path).fit()
     with pytest.raises(CheckpointError, match=r"config.json differs from this trainer's config in "
-                                              r"\['trainer.meta_lr'\]; a resumed run must keep its config \(only "
-                                              r"\['trainer.iterations', 'trainer.time_budget', 'device'\] may change"):
-        _trainer(tmp_path, meta_lr=0.1).fit(resume=True)
+                                              r"\['trainer.epoch_length'\]; a resumed run must keep its config "
+                                              r"\(only "
+                                              r"\['trainer.iterations', 'trainer.time_budget', 'trainer.max_nonfinite', "
+                                              r"'trainer.grad_clip', 'trainer.grad_clip_value', 'trainer.meta_lr', "
+                                              r"'device', 'threads'\] may change"):
+        _trainer(tmp_path, epoch_length=7).fit(resume=True)
     assert _trainer(tmp_path, iterations=5, time_budget=10.0).fit(resume=True)["iteration"] == 5  # may change
     assert json.loads((tmp_path / "config.json").read_text())["iterations"] == 5
+
+
+def test_a_resumed_run_takes_the_fixes_a_non_finite_stop_suggests(tmp_path):
+    _trainer(tmp_path).fit()
+    trainer = _trainer(tmp_path, iterations=5, meta_lr=1e-4, grad_clip=1.0, max_nonfinite=3)
+    trainer.restore()
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-4]  # not the saved state's 1e-3
+    assert trainer.fit(resume=True)["iteration"] == 5
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert (stored["meta_lr"], stored["grad_clip"], stored["max_nonfinite"]) == (1e-4, 1.0, 3)
 
 
 def test_trainer_checkpoint_of_another_estimator_is_refused(tmp_path):
@@ -259,3 +274,12 @@ def test_trainer_checkpoint_of_other_estimator_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="with settings {'truncation': 2}, but this run estimates with "
                                               "TruncatedBackprop with {'truncation': 4}"):
         trainer(4).fit(resume=True)
+
+
+def test_temporaries_of_killed_writes_are_removed_and_a_write_under_way_is_kept(tmp_path):
+    stale = [tmp_path / ".last.pt.12345.tmp", tmp_path / ".final.json.999999.tmp"]
+    ours = tmp_path / f".best.pt.{os.getpid()}.tmp"
+    for path in (*stale, ours, tmp_path / "notes.tmp"):
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert ours.exists() and (tmp_path / "notes.tmp").exists()

@@ -66,7 +66,7 @@ def test_a_run_config_is_a_trainer_config_and_one_section_per_part():
 
 def test_required_options_exist():
     """What 0.1's flat config held lives in the section of its owner."""
-    run = {"algorithm", "data", "model", "trainer", "baselines", "seed", "device"}
+    run = {"algorithm", "data", "model", "trainer", "baselines", "seed", "device", "threads"}
     assert run == {f.name for f in dataclasses.fields(RunConfig)}
     trainer = {"meta_lr", "iterations", "grad_clip", "grad_clip_value", "eval_every", "eval_episodes",
                "test_episodes", "checkpoint_every", "log_every", "max_nonfinite", "meta_optimizer", "time_budget",
@@ -84,7 +84,8 @@ def test_required_options_exist():
 @pytest.mark.parametrize(("key", "suggestion"), [("sead", "seed"), ("devise", "device"), ("trainers", "trainer")])
 def test_unknown_key_suggests_the_closest(key, suggestion):
     with pytest.raises(ConfigError, match=f"unknown config key '{key}' \\(did you mean '{suggestion}'\\?\\); a run "
-                                          "config has algorithm, data, model, trainer, baselines, seed, device$"):
+                                          "config has algorithm, data, model, trainer, baselines, seed, device, "
+                                          "threads$"):
         RunConfig.from_dict({**BASE, key: 1})
 
 
@@ -208,7 +209,7 @@ def test_json_round_trip(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(config.to_json())
     raw = json.loads(path.read_text())
-    assert list(raw) == ["seed", "device", "trainer", "data", "model", "algorithm"]
+    assert list(raw) == ["seed", "device", "threads", "trainer", "data", "model", "algorithm"]
     assert raw["model"] == {"name": "mlp", "hidden": [8]} and raw["algorithm"]["name"] == "maml"
     assert raw["trainer"] == config.trainer.to_dict() and raw["seed"] == 3
     assert RunConfig.from_json(path) == config

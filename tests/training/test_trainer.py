@@ -188,6 +188,15 @@ def test_clipping_by_value():
     assert any((g.abs() > 1e-4).any() for g in grads.values())
 
 
+def test_clipping_by_value_comes_before_clipping_by_norm():
+    before, after, grads = _one_sgd_step(grad_clip_value=1e-4, grad_clip=1e-4)
+    clamped = {k: g.clamp(-1e-4, 1e-4) for k, g in grads.items()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in clamped.values()]))
+    assert norm > 1e-4  # both clips act, so their order shows
+    for name, g in clamped.items():
+        torch.testing.assert_close(after[name], before[name] - g * 1e-4 / (norm + 1e-6))
+
+
 def test_cosine_schedule_anneals_the_meta_lr(tmp_path):
     MetaTrainer(maml(), tasks(), config(lr_schedule="cosine", meta_lr=0.1, log_every=1, epoch_length=1),
                 run_dir=tmp_path).fit()
@@ -229,6 +238,21 @@ def test_best_checkpoint_has_the_lowest_mse(tmp_path):
     assert best["best"]["metric"] == "mse"
     assert (best["best"]["value"], best["iteration"]) == min(evaluated)
     assert best["best"]["iteration"] == best["iteration"]
+
+
+def test_a_new_best_refreshes_last_pt_so_it_is_never_older_than_best_pt(tmp_path):
+    with pytest.raises(CrashError):
+        MetaTrainer(maml(hidden=(16,)), CrashingTasks(crash_at=4, shots=5, query=10, batch_size=4, seed=0),
+                    config(iterations=100, eval_every=3, checkpoint_every=100, meta_lr=0.02),
+                    val_problems=tasks(seed=1), run_dir=tmp_path / "cut").fit()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["iteration"] == 3  # written with the new best at 3
+
+
+def test_a_good_meta_update_ends_a_non_finite_streak(tmp_path):
+    bad = {0, 1, 3, 4, 6, 7}  # never three in a row
+    summary = MetaTrainer(maml(), NaNTasks(bad=bad, shots=5, query=10, batch_size=4, seed=0),
+                          config(iterations=9, max_nonfinite=3)).fit()
+    assert summary["iteration"] == 9 and summary["nonfinite_skipped"] == 6
 
 
 def test_best_checkpoint_has_the_highest_accuracy(tmp_path):
@@ -362,7 +386,7 @@ def test_too_many_nonfinite_meta_batches_stop_the_run_and_keep_the_last_good_che
     reference = maml()
     trainer_model = maml()
     trainer_model.load_state_dict(reference.state_dict())
-    MetaTrainer(reference, tasks(), config(iterations=7), run_dir=tmp_path / "good").fit()  # the good iterations
+    MetaTrainer(reference, tasks(), config(iterations=5), run_dir=tmp_path / "good").fit()  # the last checkpoint
 
     trainer = MetaTrainer(trainer_model, NaNTasks(bad=range(7, 100), shots=5, batch_size=4, seed=0),
                           config(iterations=40, max_nonfinite=4), run_dir=tmp_path / "bad")
@@ -370,10 +394,10 @@ def test_too_many_nonfinite_meta_batches_stop_the_run_and_keep_the_last_good_che
         trainer.fit()
     message = str(error.value)
     assert "for 4 meta-updates in a row (iterations 8..11)" in message
-    assert f"{tmp_path / 'bad' / 'last.pt'} (iteration 10), is intact" in message
+    assert f"{tmp_path / 'bad' / 'last.pt'} (iteration 5), is intact" in message
     assert "grad_clip" in message and "max_nonfinite" in message
-    kept = load_checkpoint(tmp_path / "bad" / "last.pt")  # skipped batches leave the parameters of iteration 7
-    assert kept["iteration"] == 10 and kept["nonfinite"] == {"total": 3, "in_a_row": 3}
+    kept = load_checkpoint(tmp_path / "bad" / "last.pt")  # no checkpoint during the streak: the last good one
+    assert kept["iteration"] == 5 and kept["nonfinite"] == {"total": 0, "in_a_row": 0}
     good = load_checkpoint(tmp_path / "good" / "last.pt")["model"]
     assert all(torch.equal(kept["model"][k], good[k]) for k in good)
     assert read_metrics(tmp_path / "bad" / "metrics.jsonl")[-1]["iteration"] == 10
