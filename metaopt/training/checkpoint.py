@@ -192,10 +192,20 @@ def capture_rng_state() -> dict[str, Any]:
     }
 
 
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Set every global random generator to ``state`` (from :func:`capture_rng_state`)."""
+def restore_rng_state(state: Mapping[str, Any], path: str | Path = "the checkpoint") -> None:
+    """Set every global random generator to ``state`` (from :func:`capture_rng_state`).
+
+    A state without CUDA generators (written where CUDA was not used) leaves them as they are.
+
+    Raises:
+        CheckpointError: naming ``path``, when a generator's state is missing or malformed.
+    """
+    missing = sorted({"torch", "numpy", "python"} - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: the random states lack {missing} (an older or foreign layout), so the run "
+                              "cannot resume exactly; start a new run, or evaluate the checkpoint with metaopt eval")
     torch.set_rng_state(state["torch"])
-    cuda = list(state["cuda"])
+    cuda = list(state.get("cuda", []))
     if cuda and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)

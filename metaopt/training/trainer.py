@@ -216,7 +216,7 @@ class MetaTrainer:
         self.best = state["best"]
         self.nonfinite = dict(state["nonfinite"])
         self._clock = Clock(**state["time"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], path)
         self._saved_iteration = self.iteration
 
     def _apply_meta_lr(self) -> None:

@@ -283,3 +283,12 @@ def test_temporaries_of_killed_writes_are_removed_and_a_write_under_way_is_kept(
         path.write_bytes(b"x")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert ours.exists() and (tmp_path / "notes.tmp").exists()
+
+
+def test_random_states_of_an_older_layout_restore_or_fail_naming_the_file():
+    state = capture_rng_state()
+    del state["cuda"]  # written where CUDA was never used: nothing to restore there
+    restore_rng_state(state)
+    del state["numpy"]
+    with pytest.raises(CheckpointError, match=r"old/last.pt: the random states lack \['numpy'\]"):
+        restore_rng_state(state, "old/last.pt")
