@@ -26,12 +26,13 @@ import difflib
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metaopt.evaluation.compare import RunDirError, load_run, markdown_table, plot_runs
+from metaopt.evaluation.compare import RunDirError, UnfinishedRunWarning, load_runs, markdown_table, plot_runs
 from metaopt.options import ConfigError, Options, field_help
 from metaopt.registry import Kind, entry, load_plugins, names
 from metaopt.training.checkpoint import CheckpointError
@@ -335,7 +336,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    runs = [load_run(path) for path in args.runs]
+    with warnings.catch_warnings(record=True) as left_out:
+        warnings.simplefilter("always", UnfinishedRunWarning)
+        try:
+            runs = load_runs(args.runs)
+        finally:  # before the error that no run is left
+            for warning in left_out:
+                print(f"metaopt compare: warning: {warning.message}", file=sys.stderr)
     plot_runs(runs, args.out, args.metric)
     print(markdown_table(runs))
     print(f"chart written to {args.out}")

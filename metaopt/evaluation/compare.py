@@ -8,15 +8,31 @@ panels: the validation metric (with its 95% interval) against iteration and agai
 time (the wall time of the meta-updates alone, see :mod:`metaopt.training.clock`), and the training
 loss against iteration.
 
+A run without a result yet (training under way or stopped before its end) is no error for
+:func:`load_runs`, which reads a glob of run directories: it leaves such a run out with an
+:class:`UnfinishedRunWarning` naming it and why, and fails only when no run is left.
+
+The tasks/s column is the run's tasks over its training time: tasks per meta-update x
+meta-updates / ``time/train_s``. The tasks per meta-update are read off the log, not the
+config, since configs do not say it alike (a few-shot dataset's ``meta_batch`` is it; an
+optimizee family's ``batch`` counts functions per problem, and a meta-update trains on one
+problem): each logged ``time/tasks_per_s`` is the tasks of the meta-updates since the previous
+one over their training time (:meth:`metaopt.training.clock.Clock.throughput`), so rate x window
+time / window meta-updates is the tasks per meta-update, and the value that holds for most
+meta-updates is taken (a window across a resume is inexact: its rate counts the meta-updates
+after the resume only). Averaging the window rates instead would weigh a short window as much
+as a long one, e.g. the first, which holds the slow first meta-updates.
+
 Example:
-    >>> import tempfile
+    >>> import contextlib, io, tempfile
     >>> from metaopt.training.config import load_preset
     >>> from metaopt.training.experiment import train
     >>> config = load_preset("maml-sinusoid-10shot").replace(trainer={"iterations": 4, "eval_every": 2,
     ...     "eval_episodes": 4}, data={"meta_batch": 2}, model={"hidden": [8]})
-    >>> run = load_run(train(config, tempfile.mkdtemp())["run_dir"])
-    >>> run.iterations, run.evaluation_file, run.val_metrics()
-    (4, 'final.json', ['val/mse'])
+    >>> with contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
+    ...     run = load_run(train(config, tempfile.mkdtemp())["run_dir"])
+    >>> run.iterations, run.evaluation_file, run.val_metrics(), run.tasks_per_update, run.tasks
+    (4, 'final.json', ['val/mse'], 2, 8)
     >>> markdown_table([run]).splitlines()[2].split(" | ")[1:5]  # header, separator, then one row per run
     ['maml', 'sinusoid', '-', '10']
 """
@@ -25,7 +41,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +55,8 @@ from metaopt.training.logging import METRICS_FILE, read_metrics
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RESULT_FILES", "Run", "RunDirError", "load_run", "markdown_table", "plot_runs"]
+__all__ = ["RESULT_FILES", "Run", "RunDirError", "UnfinishedRunError", "UnfinishedRunWarning", "load_run", "load_runs",
+           "markdown_table", "plot_runs", "tasks_per_update"]
 
 RESULT_FILES = ("final.json", "eval.json")  # where a run's result is read from: the newer of the two
 _COLUMNS = ("run", "algorithm", "dataset", "ways", "shots", "result (95% CI; protocol)", "evaluated", "train time",
@@ -48,6 +66,14 @@ _NUMERIC = {"ways", "shots", "train time", "tasks/s", "iterations"}  # right-ali
 
 class RunDirError(RuntimeError):
     """A run directory lacks a file or a figure that the comparison needs; the message names both."""
+
+
+class UnfinishedRunError(RunDirError):
+    """A run directory holds a run without a result yet (neither ``final.json`` nor ``eval.json``)."""
+
+
+class UnfinishedRunWarning(UserWarning):
+    """:func:`load_runs` left out a run without a result; the message names the run and how to finish it."""
 
 
 @dataclass(frozen=True)
@@ -84,14 +110,57 @@ class Run:
         return float(self.records[-1]["time/train_s"])
 
     @property
+    def tasks_per_update(self) -> int:
+        """Tasks per meta-update, read off the logged throughputs (:func:`tasks_per_update`)."""
+        return tasks_per_update(self.records, self.path)
+
+    @property
+    def tasks(self) -> int:
+        """Tasks meta-trained on: tasks per meta-update x meta-updates."""
+        return self.tasks_per_update * self.iterations
+
+    @property
     def tasks_per_s(self) -> float:
-        """Mean of the logged meta-training throughputs (``time/tasks_per_s``)."""
-        rates = [r["time/tasks_per_s"] for r in self.records if r.get("time/tasks_per_s") is not None]
-        return sum(rates) / len(rates)
+        """Meta-training throughput: :attr:`tasks` over the training time :attr:`train_s` (0 without training time)."""
+        return self.tasks / self.train_s if self.train_s > 0 else 0.0
 
     def val_metrics(self) -> list[str]:
         """The validation figures the run logged (``val/mse``, ``val/accuracy``...), sorted."""
         return sorted({k for r in self.records for k in r if k.startswith("val/") and not k.endswith("_ci95")})
+
+
+def tasks_per_update(records: Sequence[Mapping[str, Any]], run: str | Path) -> int:
+    """Tasks per meta-update of the run ``run`` that logged ``records`` (see the module docstring).
+
+    Each record with ``time/tasks_per_s`` closes a window of meta-updates that starts at the
+    previous such record (at iteration 0 and no training time for the first one); records of
+    validation figures alone do not. Each window estimates ``rate x window time / window
+    iterations``, rounded; the estimate of most meta-updates wins (ties: the earliest window's).
+
+    Example:
+        >>> tasks_per_update([{"iteration": 2, "time/tasks_per_s": 0.8, "time/train_s": 10.0},   # 8 tasks in 10 s
+        ...                   {"iteration": 3, "val/mse": 0.5, "time/train_s": 11.0},
+        ...                   {"iteration": 4, "time/tasks_per_s": 4.0, "time/train_s": 12.0}], "runs/x")
+        4
+
+    Raises:
+        RunDirError: no window with meta-updates, training time and a positive rate.
+    """
+    weights: dict[int, int] = {}
+    iteration, train_s = 0, 0.0
+    for record in records:
+        if record.get("time/tasks_per_s") is None or record.get("time/train_s") is None:
+            continue
+        updates, seconds = int(record["iteration"]) - iteration, float(record["time/train_s"]) - train_s
+        estimate = round(float(record["time/tasks_per_s"]) * seconds / updates) if updates > 0 else 0
+        if estimate >= 1:
+            weights[estimate] = weights.get(estimate, 0) + updates
+        iteration, train_s = int(record["iteration"]), float(record["time/train_s"])
+    if not weights:
+        raise RunDirError(f"run {run}: the records of {METRICS_FILE} give no tasks per meta-update (no window of "
+                          "meta-updates with training time and a positive 'time/tasks_per_s'); compare reads run "
+                          "directories written by `metaopt train`")
+    return max(weights, key=weights.__getitem__)
 
 
 def _read_json(path: Path, run: Path) -> dict[str, Any]:
@@ -119,6 +188,7 @@ def load_run(run_dir: str | Path) -> Run:
     (written by a later ``metaopt eval``, e.g. with more test tasks).
 
     Raises:
+        UnfinishedRunError: the run has no result yet (a :class:`RunDirError`).
         RunDirError: naming the run and the file that is missing, unreadable or incomplete.
     """
     path = Path(run_dir)
@@ -133,7 +203,7 @@ def load_run(run_dir: str | Path) -> Run:
 
     written = [name for name in RESULT_FILES if (path / name).is_file()]
     if not written:
-        raise RunDirError(f"run {path}: neither final.json nor eval.json exists (the run has no result yet); "
+        raise UnfinishedRunError(f"run {path}: neither final.json nor eval.json exists (the run has no result yet); "
                           f"finish it with `metaopt train --resume {path}` or evaluate a checkpoint with "
                           f"`metaopt eval --run {path}`")
     evaluation_file = max(written, key=lambda name: (path / name).stat().st_mtime_ns)
@@ -153,7 +223,34 @@ def load_run(run_dir: str | Path) -> Run:
     if not any(r.get("time/tasks_per_s") is not None for r in records):
         raise RunDirError(f"run {path}: {METRICS_FILE} holds no 'time/tasks_per_s'; compare reads run directories "
                           "written by `metaopt train`")
+    tasks_per_update(records, path)  # refused here, with the other damage, rather than when the table is drawn
     return Run(path, config, evaluation, evaluation_file, records)
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
+    """:func:`load_run` of each directory, leaving out the runs without a result yet (e.g. a glob over ``runs/``).
+
+    Warns:
+        UnfinishedRunWarning: once per run left out, naming it and why.
+
+    Raises:
+        ValueError: no directory given.
+        RunDirError: no run is left, or a run directory is missing, damaged or not written by ``metaopt train``.
+    """
+    paths = [Path(run_dir) for run_dir in run_dirs]
+    if not paths:
+        raise ValueError("no runs to compare; pass at least one run directory")
+    runs = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except UnfinishedRunError as err:
+            warnings.warn(f"{err}; left out of the comparison", UnfinishedRunWarning, stacklevel=2)
+    if not runs:
+        raise RunDirError(f"no run to compare: none of the {len(paths)} run directories given has a result yet "
+                          "(final.json or eval.json); finish a run with `metaopt train --resume RUN_DIR` or evaluate "
+                          "a checkpoint with `metaopt eval --run RUN_DIR`")
+    return runs
 
 
 def _cell(value: Any) -> str:

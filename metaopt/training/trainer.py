@@ -30,7 +30,8 @@ Example:
     >>> config = TrainerConfig(iterations=4, eval_every=2, eval_episodes=4, log_every=2)
     >>> trainer = MetaTrainer(MAML(MLP(1, 1, hidden=(8,)), inner_lr=0.01), Sinusoid(batch_size=2, seed=0),
     ...                       config, val_problems=Sinusoid(batch_size=4, seed=1), run_dir=tempfile.mkdtemp())
-    >>> summary = trainer.fit()
+    >>> summary = trainer.fit()  # doctest: +ELLIPSIS
+    iteration 1/4 (25.0%), loss ...
     >>> summary["iteration"], summary["best"]["metric"], sorted(p.name for p in trainer.run_dir.glob("*.pt"))
     (4, 'mse', ['best.pt', 'last.pt'])
 """
