@@ -191,7 +191,8 @@ def test_trainer_resume_with_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"config.json differs from this trainer's config in "
                                               r"\['trainer.epoch_length'\]; a resumed run must keep its config "
                                               r"\(only "
-                                              r"\['trainer.iterations', 'trainer.time_budget', 'trainer.max_nonfinite', "
+                                              r"\['trainer.iterations', 'trainer.time_budget', "
+                                              r"'trainer.max_nonfinite', "
                                               r"'trainer.grad_clip', 'trainer.grad_clip_value', 'trainer.meta_lr', "
                                               r"'device', 'threads'\] may change"):
         _trainer(tmp_path, epoch_length=7).fit(resume=True)
