@@ -68,7 +68,7 @@ from torch import nn
 from metaopt.engine.functional import Params
 from metaopt.engine.initialisers import Initialiser
 from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
-from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
+from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names, check_model
 from metaopt.engine.rules import sgd
 from metaopt.options import ConfigError
 from metaopt.problems.episode_task import EpisodeTask
@@ -235,7 +235,7 @@ class ARML(MetaLearner):
                  adapt: str | Sequence[str] = "all", **kwargs: Any) -> None:
         if ways < 2:
             raise ValueError(f"ARML needs ways >= 2, got {ways}")
-        shapes = {name: p.shape for name, p in model.named_parameters()}
+        shapes = {name: p.shape for name, p in check_model(model).named_parameters()}
         gated = adapted_parameter_names(model, adapt) or list(shapes)
         embedding = embedding if embedding is not None else embedding_network(input_shape, embedding_dim)
         initialiser = GatedInitialisation({name: shapes[name] for name in gated}, ways, embedding, embedding_dim,

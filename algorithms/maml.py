@@ -45,7 +45,7 @@ from torch import nn
 
 from metaopt.engine.higher_driver import HigherRule
 from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
-from metaopt.engine.meta_learner import MetaLearner
+from metaopt.engine.meta_learner import MetaLearner, check_model
 from metaopt.engine.rules import sgd
 from metaopt.registry import BuildContext, register_algorithm
 
@@ -88,7 +88,7 @@ class MAML(MetaLearner):
                  driver: Literal["func", "higher"] = "func", **kwargs: Any) -> None:
         if driver not in ("func", "higher"):
             raise ValueError(f"driver must be 'func' or 'higher', got {driver!r}")
-        rule = sgd(inner_lr, learnable=learn_inner_lr, dtype=next(model.parameters()).dtype)
+        rule = sgd(inner_lr, learnable=learn_inner_lr, dtype=next(check_model(model).parameters()).dtype)
         super().__init__(model, HigherRule(rule) if driver == "higher" else rule, inner_steps=inner_steps,
                          first_order=first_order, adapt=adapt, **kwargs)
 

@@ -68,9 +68,9 @@ from torch import nn
 
 from metaopt.algorithms.maml import MAMLOptions
 from metaopt.engine.functional import named_params, select
-from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
+from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names, check_model
 from metaopt.engine.per_step_batchnorm import PerStepBatchNorm, per_step_batchnorm
-from metaopt.engine.rules import UpdateRule, per_step_sgd, sgd
+from metaopt.engine.rules import UpdateRule, check_lr, per_step_sgd, sgd
 from metaopt.options import ConfigError
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.schedules import multi_step_loss_weights
@@ -131,6 +131,8 @@ class MAMLPlusPlus(MetaLearner):
                  learn_inner_lr: bool = False, adapt: str | Sequence[str] = "all", msl_epochs: int | None = 10,
                  second_order_from_epoch: int | None = 0, per_step_bn_stats: bool = True,
                  per_step_bn_weights: bool = True, per_step_lr: bool = True, **kwargs: Any) -> None:
+        check_model(model)
+        inner_lr = check_lr(inner_lr)  # a Python argument: checked as the rules check it, before the option set
         MAMLPlusPlusOptions(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
                             learn_inner_lr=learn_inner_lr, msl_epochs=msl_epochs,
                             second_order_from_epoch=second_order_from_epoch, per_step_lr=per_step_lr)

@@ -45,7 +45,7 @@ from torch import nn
 
 from metaopt.engine.functional import named_params, select
 from metaopt.engine.learner_options import AdaptOptions, InnerLoopOptions, SecondOrderOptions
-from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names
+from metaopt.engine.meta_learner import MetaLearner, adapted_parameter_names, check_model
 from metaopt.engine.rules import meta_sgd
 from metaopt.options import ConfigError
 from metaopt.registry import BuildContext, register_algorithm
@@ -96,7 +96,7 @@ class MetaSGD(MetaLearner):
     def __init__(self, model: nn.Module, init: float | tuple[float, float] = UNIFORM, inner_steps: int = 1,
                  first_order: bool = False, adapt: str | Sequence[str] = "all",
                  generator: torch.Generator | None = None, **kwargs: Any) -> None:
-        adapted = adapted_parameter_names(model, adapt)
+        adapted = adapted_parameter_names(check_model(model), adapt)
         params = named_params(model)
         rule = meta_sgd(params if adapted is None else select(params, adapted), init, generator)
         super().__init__(model, rule, inner_steps=inner_steps, first_order=first_order, adapt=adapt, **kwargs)

@@ -52,8 +52,8 @@ from torch import nn
 
 from metaopt.engine.functional import Params, named_params, select
 from metaopt.engine.learner_options import InnerLoopOptions, SecondOrderOptions
-from metaopt.engine.meta_learner import MetaLearner
-from metaopt.engine.rules import StepInfo, UpdateRule, sgd
+from metaopt.engine.meta_learner import MetaLearner, check_model
+from metaopt.engine.rules import StepInfo, UpdateRule, check_lr, sgd
 from metaopt.registry import BuildContext, register_algorithm
 
 __all__ = ["MASKS", "MTNet", "MTNetOptions", "MaskedSGD", "TNetOptions", "Transform", "build_mtnet", "build_tnet",
@@ -112,9 +112,7 @@ class MaskedSGD(UpdateRule):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-        if not lr > 0:
-            raise ValueError(f"inner learning rate must be > 0, got {lr}")
-        self.lr = float(lr)
+        self.lr = check_lr(lr)
         self.mask = mask
         self.keys = {name: self._key(name) for name in params}
         logits = {}
@@ -174,7 +172,7 @@ class MTNet(MetaLearner):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1, mask: str | None = "unit",
                  **kwargs: Any) -> None:
-        insert_transforms(model)
+        insert_transforms(check_model(model))
         adapted = _layer_parameter_names(model)
         rule = sgd(inner_lr) if mask is None else MaskedSGD(select(named_params(model), adapted), inner_lr, mask)
         super().__init__(model, rule, inner_steps=inner_steps, adapt=adapted, **kwargs)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TensorClassDataset", "cache_dir", "dataset_root", "load_cached", "save_cached"]
+from metaopt.training.checkpoint import save_atomic
+
+__all__ = ["TensorClassDataset", "cache_dir", "dataset_root", "load_cached", "put_into", "save_cached"]
 
 
 def dataset_root(root: str | os.PathLike | None, name: str) -> Path:
@@ -23,9 +25,20 @@ def dataset_root(root: str | os.PathLike | None, name: str) -> Path:
         return Path(root).expanduser()
     env = os.environ.get("METAOPT_DATA")
     if not env:
-        raise FileNotFoundError(f"no data root given for {name}: pass root=... or set METAOPT_DATA to the folder "
-                                f"that holds {name}/ (e.g. export METAOPT_DATA=../shared/data)")
+        raise FileNotFoundError(f"no data folder given for {name}: set METAOPT_DATA to the folder that holds {name}/ "
+                                "(e.g. export METAOPT_DATA=../shared/data), or name that folder with --data-root on "
+                                f"the command line (root=<folder>/{name} in Python)")
     return Path(env).expanduser() / name
+
+
+def put_into(name: str, folder: Path) -> str:
+    """Where missing files go: ``folder``, and how that folder is found (``$METAOPT_DATA/<name>`` or ``--data-root``).
+
+    Example:
+        >>> put_into("mnist", Path("/data/mnist"))
+        'into /data/mnist (the mnist/ folder under $METAOPT_DATA, or under --data-root / data_root when given)'
+    """
+    return f"into {folder} (the {name}/ folder under $METAOPT_DATA, or under --data-root / data_root when given)"
 
 
 def cache_dir() -> Path:
@@ -35,10 +48,7 @@ def cache_dir() -> Path:
 
 def save_cached(path: Path, payload: dict) -> None:
     """Write a cache file atomically (temporary file + rename): a killed run never leaves half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, payload)
 
 
 def load_cached(path: Path, key: str) -> dict | None:
@@ -53,7 +63,10 @@ def load_cached(path: Path, key: str) -> dict | None:
 
 
 class TensorClassDataset:
-    """A :class:`metaopt.sampling.ClassDataset` over a uint8 image tensor grouped by class.
+    """A :class:`metaopt.problems.sampling.ClassDataset` over a uint8 image tensor grouped by class.
+
+    Its examples are checked once, here (one tensor: one shape; uint8, or else finite), so it is
+    ``validated``: the sampler skips its per-episode checks.
 
     Args:
         images: ``[N, C, H, W]`` uint8 images.
@@ -61,9 +74,13 @@ class TensorClassDataset:
         class_names: a name per class (for reports and split files).
     """
 
+    validated = True
+
     def __init__(self, images: torch.Tensor, class_index: Sequence[torch.Tensor], class_names: Sequence[str]) -> None:
         if len(class_index) != len(class_names):
             raise ValueError(f"{len(class_index)} classes but {len(class_names)} class names")
+        if images.is_floating_point() and not torch.isfinite(images).all():
+            raise ValueError("the images hold NaN or infinite values; a TensorClassDataset takes uint8 images")
         self.images = images
         self.class_index = list(class_index)
         self.class_names = list(class_names)

@@ -51,11 +51,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metaopt.datasets._common import TensorClassDataset, cache_dir, dataset_root, load_cached, save_cached
+from metaopt.datasets._common import TensorClassDataset, cache_dir, dataset_root, load_cached, put_into, save_cached
 from metaopt.problems.sampling import EpisodeOptions, EpisodeSampler, episode_sampler
 from metaopt.registry import register_dataset
+from metaopt.training.logging import note
 
-__all__ = ["MiniImageNet", "MiniImageNetOptions", "MiniImageNetSplit", "build_miniimagenet", "miniimagenet_split"]
+__all__ = ["MiniImageNet", "MiniImageNetOptions", "MiniImageNetSplit", "UnsafePickleError", "build_miniimagenet",
+           "miniimagenet_split"]
 
 IMAGE_SIZE = 84
 IMAGES_PER_CLASS = 600
@@ -105,10 +107,14 @@ def miniimagenet_split(split: str) -> MiniImageNetSplit:
                              entry["csv"]["sha256"], entry["csv"]["md5"])
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asks for something a miniImageNet cache never holds (a global other than numpy's, a codec)."""
+
+
 def _latin1_encode(text: str, encoding: str) -> bytes:
     """``_codecs.encode`` as pickle protocols 0-2 use it for bytes, limited to latin-1."""
     if encoding != "latin1":
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} (only 'latin1')")
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r} (only 'latin1')")
     return text.encode("latin1")
 
 
@@ -133,15 +139,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: a miniImageNet cache holds "
+            raise UnsafePickleError(f"refusing to load global {module}.{name}: a miniImageNet cache holds "
                                          "only numpy arrays, dicts, lists and strings")
         return _ALLOWED_GLOBALS[module, name]
 
 
 def _read_pickle(path: Path, split: MiniImageNetSplit, classes: Sequence[str], count: int) -> np.ndarray:
     """The first ``count`` images of each of ``classes`` from a pickle cache, ``[N, 84, 84, 3]``."""
-    with open(path, "rb") as f:
-        data = _RestrictedUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2
+    try:
+        with open(path, "rb") as f:
+            data = _RestrictedUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2
+    except UnsafePickleError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError) as error:
+        raise ValueError(f"{path} is truncated or corrupt ({type(error).__name__}: {error}); it cannot be unpickled: "
+                         f"replace it with a complete {path.name} and put it {put_into('miniimagenet', path.parent)}, "
+                         "or use Ravi's images/ folder of JPEGs instead") from error
     if not (isinstance(data, dict) and {"image_data", "class_dict"} <= data.keys()
             and isinstance(data["class_dict"], dict)):
         found = {k: type(v).__name__ for k, v in data.items()} if isinstance(data, dict) else type(data).__name__
@@ -173,8 +187,13 @@ def _decode_jpegs(paths: Sequence[Path]) -> np.ndarray:
     out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
     def decode(i: int) -> None:
-        with Image.open(paths[i]) as image:
-            rgb = image.convert("RGB")
+        try:
+            with Image.open(paths[i]) as image:
+                rgb = image.convert("RGB")
+        except OSError as error:  # PIL's UnidentifiedImageError, a truncated JPEG
+            raise ValueError(f"{paths[i]} is not a readable image ({error}); it is truncated or corrupt: replace "
+                             "it with the original file (an ILSVRC-2012 image named as in Ravi & Larochelle's CSVs)"
+                             ) from error
         if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
             rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
         out[i] = np.asarray(rgb)
@@ -221,8 +240,10 @@ class MiniImageNet(TensorClassDataset):
 
     Raises:
         FileNotFoundError: when neither layout is in ``root``, or ``images/`` lacks files.
-        pickle.UnpicklingError: when the pickle refers to anything but numpy arrays and builtins.
-        ValueError: for bad arguments, or a pickle whose classes are not the split's.
+        UnsafePickleError: (a ``pickle.UnpicklingError``) when the pickle refers to anything but
+            numpy arrays and builtins.
+        ValueError: for bad arguments, a truncated or corrupt pickle or JPEG, or a pickle whose
+            classes are not the split's.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", *,
@@ -247,13 +268,16 @@ class MiniImageNet(TensorClassDataset):
             raise FileNotFoundError(
                 f"miniImageNet {split} split not found in {folder}: expected either the JPEGs "
                 f"{images_dir / filenames[0]} ... ({len(filenames)} files named as in Ravi & Larochelle's "
-                f"{split}.csv) or the pickle cache {pickle_path}")
+                f"{split}.csv) or the pickle cache {pickle_path}; put either {put_into('miniimagenet', folder)} "
+                "(no images ship with metaopt and it cannot download them: they come from ILSVRC-2012)")
         selection = [self.source, split, names, images_per_class]
         stats = [(p.name, st.st_size, st.st_mtime_ns) for p in sources for st in [p.stat()]]
         key = _digest([_CACHE_VERSION, _SPLIT_SHA256, *selection, stats])
         cache = cache_dir() / "miniimagenet" / f"{split}-{_digest([str(folder.resolve()), *selection])[:16]}.pt"
         payload = load_cached(cache, key)
         if payload is None:
+            what = pickle_path.name if self.source == "pickle" else f"{len(sources)} JPEGs of {images_dir}"
+            note(f"decoding miniImageNet {split}: {what} (first time; cached in {cache})")
             array = (_read_pickle(pickle_path, table, names, images_per_class) if self.source == "pickle"
                      else _decode_jpegs(sources))
             payload = {"key": key, "images": torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()}

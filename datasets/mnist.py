@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metaopt.datasets._common import dataset_root
+from metaopt.datasets._common import dataset_root, put_into
 from metaopt.options import Options
 from metaopt.problems.optimizees import Optimizee, OptimizeeStream, optimizee_stream
 from metaopt.registry import register_dataset
@@ -68,6 +68,7 @@ from metaopt.registry import register_dataset
 __all__ = [
     "ACTIVATIONS",
     "FILES",
+    "FASHION_MD5",
     "KNOWN_MD5",
     "MIRRORS",
     "PARTS",
@@ -93,6 +94,18 @@ KNOWN_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+#: MD5 of Fashion-MNIST's files (Xiao et al. 2017), gzipped as published and decompressed: same names and layout
+#: as MNIST's, so a Fashion-MNIST copy put in the MNIST folder would otherwise load as MNIST
+FASHION_MD5 = {
+    "8d4fb7e6c68d591d4c3dfef9ec88bf0d": "train-images-idx3-ubyte.gz",
+    "25c81989df183df01b3e8a0aad5dffbe": "train-labels-idx1-ubyte.gz",
+    "bef4ecab320f06d8554ea6380940ec79": "t10k-images-idx3-ubyte.gz",
+    "bb300cfdad3c16e7a12a480ee83cd310": "t10k-labels-idx1-ubyte.gz",
+    "f4a8712d7a061bf5bd6d2ca38dc4d50a": "train-images-idx3-ubyte",
+    "9018921c3c673c538a1fc5bad174d6f9": "train-labels-idx1-ubyte",
+    "8181f5470baa50b63fa0f6fddb340f0a": "t10k-images-idx3-ubyte",
+    "15d484375f8d13e6eb1aabb0c3f46965": "t10k-labels-idx1-ubyte",
+}
 #: where :func:`download_mnist` looks, in order (torchvision's mirror first: the original site often refuses)
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -102,7 +115,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"sigmoid": tor
 #: seed of the port's split of the training images into meta-training and meta-test halves
 _SPLIT_SEED = 10
 _PUT = (f"put {', '.join(n for pair in FILES.values() for n in pair)} from {MIRRORS[1]} (or the mirror "
-        f"{MIRRORS[0]}) into")
+        f"{MIRRORS[0]})")
 
 
 def _locate(folder: Path, name: str) -> Path | None:
@@ -113,15 +126,26 @@ def _locate(folder: Path, name: str) -> Path | None:
     return None
 
 
+def _not_fashion(folder: Path, found: str) -> ValueError:
+    """The error for Fashion-MNIST files (``found`` says how they were recognised) in the MNIST folder."""
+    return ValueError(f"{found}: {folder} holds Fashion-MNIST, not MNIST (same file names and layout). "
+                      f"P{_PUT[1:]} {put_into('mnist', folder)}, and keep Fashion-MNIST in a folder of its own (e.g. "
+                      "$METAOPT_DATA/fashion-mnist)")
+
+
 def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray:
     """The uint8 array of an IDX file with ``magic`` whose items have shape ``shape_tail``."""
     header_size = 4 * (2 + len(shape_tail))
     fix = f"replace {path.name} with the original file (see {MIRRORS[1]})"
+    raw = path.read_bytes()
+    md5 = hashlib.md5(raw).hexdigest()
+    if md5 in FASHION_MD5:
+        raise _not_fashion(path.parent, f"{path} is Fashion-MNIST's {FASHION_MD5[md5]} (MD5 {md5})")
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            header, payload = f.read(header_size), f.read()
+        data = gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise ValueError(f"{path} is not a complete gzip file ({error}); it is truncated or corrupt: {fix}") from error
+    header, payload = data[:header_size], data[header_size:]
     if len(header) < header_size:
         raise ValueError(f"{path} is truncated: {len(header)} bytes, shorter than the IDX header; {fix}")
     found, count, *tail = struct.unpack(f">{len(header) // 4}I", header)
@@ -149,7 +173,8 @@ def _read_split(root: str | os.PathLike | None, split: str) -> tuple[np.ndarray,
     missing = [name for name, path in paths.items() if path is None]
     if missing:
         raise FileNotFoundError(f"MNIST {split} files not found in {folder}: missing {', '.join(missing)}; "
-                                f"{_PUT} {folder}, or call metaopt.datasets.mnist.download_mnist(root) when online")
+                                f"{_PUT} {put_into('mnist', folder)}; from Python, "
+                                "metaopt.datasets.mnist.download_mnist(root) fetches them when online")
     image_file, label_file = (paths[name] for name in FILES[split])
     images = _read_idx(image_file, IMAGE_MAGIC, (SIDE, SIDE))
     labels = _read_idx(label_file, LABEL_MAGIC, ()).reshape(-1)
@@ -158,6 +183,10 @@ def _read_split(root: str | os.PathLike | None, split: str) -> tuple[np.ndarray,
                          f"the two files do not belong together: replace them with the original pair")
     if len(labels) and labels.max() >= CLASSES:
         raise ValueError(f"{label_file} holds label {labels.max()}, outside 0-9; replace it with the original file")
+    counts = np.bincount(labels, minlength=CLASSES)
+    if len(labels) in (60000, 10000) and (counts == len(labels) // CLASSES).all():
+        raise _not_fashion(folder, f"{label_file} has exactly {counts[0]} labels of every class, as Fashion-MNIST has "
+                                   "(MNIST's classes are unbalanced)")
     return images, labels
 
 
@@ -211,7 +240,7 @@ def download_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str]
             finally:
                 tmp.unlink(missing_ok=True)
         else:
-            raise FileNotFoundError(f"could not download {name} ({'; '.join(failures)}). Offline? {_PUT} {folder}")
+            raise FileNotFoundError(f"could not download {name} ({'; '.join(failures)}). Offline? {_PUT} into {folder}")
     return folder
 
 

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -51,10 +52,12 @@ from metaopt.datasets._common import (
     cache_dir,
     dataset_root,
     load_cached,
+    put_into,
     save_cached,
 )
 from metaopt.problems.sampling import EpisodeOptions, EpisodeSampler, episode_sampler
 from metaopt.registry import register_dataset
+from metaopt.training.logging import note
 
 __all__ = ["Omniglot", "OmniglotOptions", "build_omniglot", "download_omniglot", "safe_extract", "split_names"]
 
@@ -68,6 +71,7 @@ KNOWN_MD5 = {
     EVALUATION: {"6b91aef0f799c5bb55b94e3f2daec811": "original", "640dfdfb03a8e5175c8bc27448f624e0": "rebuilt"},
 }
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
+SOURCE = "github.com/brendenlake/omniglot (python/ folder)"
 SPLIT_FILES = {
     "maml": ("omniglot-maml-v1.json", "ed55510ea0892bb3604a69dc87c7324c79cbfe8c0d1489dd0dac591a14e304ee"),
     "vinyals": ("omniglot-vinyals-v1.json", "0a79e0177db1fb22222b80604a3a5e71e41bf1fb13894af6654a573f4ab07cfa"),
@@ -91,6 +95,12 @@ def split_names(protocol: str) -> dict[str, int]:
     return {split: len(chars) for split, chars in _split_table(protocol).items()}
 
 
+def _replace(name: str, root: Path) -> str:
+    """How to replace a damaged archive ``name``.zip of ``root``."""
+    return (f"replace it with a complete {name}.zip from {SOURCE} and put it {put_into('omniglot', root)}; from "
+            "Python, delete it and call Omniglot(..., download=True) to fetch it again")
+
+
 class _Source:
     """The two image sets in ``root``, as zip archives or extracted folders."""
 
@@ -109,8 +119,12 @@ class _Source:
         if missing:
             raise FileNotFoundError(
                 f"Omniglot not found in {root}: missing {', '.join(f'{m}.zip (or folder {m}/)' for m in missing)}. "
-                f"Put images_background.zip and images_evaluation.zip from github.com/brendenlake/omniglot "
-                f"(python/ folder) into {root}, or pass download=True when online.")
+                f"Fetch images_background.zip and images_evaluation.zip from {SOURCE} and put them "
+                f"{put_into('omniglot', root)}; from Python, Omniglot(..., download=True) fetches them when online")
+        for name, path in self.parts.items():
+            if path.is_file() and not zipfile.is_zipfile(path):
+                raise ValueError(f"{path} is not a complete zip archive ({path.stat().st_size} bytes, no zip "
+                                 f"directory: truncated or corrupt); {_replace(name, root)}")
 
     @functools.cached_property
     def _digests(self) -> dict[str, tuple[str, str]]:
@@ -161,7 +175,7 @@ class _Source:
                 raise FileNotFoundError(
                     f"incomplete Omniglot set {name} in {path}: {len(alphabets)} alphabets and {len(chars)} "
                     f"characters, expected {want_alphabets} and {want_chars} with {DRAWINGS} drawings each{detail}; "
-                    f"replace it with the complete {name}.zip")
+                    f"replace it with the complete {name}.zip from {SOURCE}")
             found.update({c: sorted(v) for c, v in chars.items()})
         return dict(sorted(found.items()))
 
@@ -172,7 +186,13 @@ class _Source:
 
         def read(member: str) -> bytes:
             name, rest = member.split("/", 1)
-            return archives[name].read(member) if name in archives else (self.parts[name] / rest).read_bytes()
+            if name not in archives:
+                return (self.parts[name] / rest).read_bytes()
+            try:
+                return archives[name].read(member)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+                raise ValueError(f"{self.parts[name]}: member {member} cannot be read ({error}); the archive is "
+                                 f"corrupt: {_replace(name, self.root)}") from error
 
         try:
             yield read
@@ -186,8 +206,12 @@ def _decode(source: _Source, characters: dict[str, list[str]], size: int) -> tor
     with source.reader() as read:
         for i, files in enumerate(characters.values()):
             for j, member in enumerate(files):
-                image = Image.open(io.BytesIO(read(member))).convert("L").resize((size, size), Image.Resampling.LANCZOS)
-                images[i, j] = 255 - np.asarray(image)
+                try:
+                    image = Image.open(io.BytesIO(read(member))).convert("L")
+                except OSError as error:  # PIL's UnidentifiedImageError, a truncated PNG
+                    raise ValueError(f"{member} in {source.parts[member.split('/', 1)[0]]} is not a readable PNG "
+                                     f"({error}); {_replace(member.split('/', 1)[0], source.root)}") from error
+                images[i, j] = 255 - np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
     return torch.from_numpy(images)
 
 
@@ -197,6 +221,8 @@ def _load_images(root: Path, size: int) -> tuple[torch.Tensor, list[str], dict[s
     cache = cache_dir() / f"omniglot-{size}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     payload = load_cached(cache, key)
     if payload is None:
+        sources = ", ".join(path.name for _, path in sorted(source.parts.items()))
+        note(f"decoding Omniglot {sources} (first time, about 15 s; cached in {cache})")
         characters = source.characters()
         payload = {"key": key, "images": _decode(source, characters, size), "names": list(characters)}
         save_cached(cache, payload)
@@ -268,9 +294,13 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> list[
         members = z.infolist()
         for m in members:
             path = (target / m.filename).resolve()
-            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
-            if is_link or PurePosixPath(m.filename).is_absolute() or not path.is_relative_to(target):
-                raise ValueError(f"unsafe member {m.filename!r} in {archive}: it would be written outside {target}")
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ValueError(f"unsafe member {m.filename!r} in {archive}: a symbolic link (to "
+                                 f"{z.read(m).decode(errors='replace')!r}), which could point outside {target}; "
+                                 "nothing was extracted: remove the link from the archive")
+            if PurePosixPath(m.filename).is_absolute() or not path.is_relative_to(target):
+                raise ValueError(f"unsafe member {m.filename!r} in {archive}: it would be written outside {target}; "
+                                 "nothing was extracted")
         z.extractall(target)
     return [target / m.filename for m in members]
 

@@ -9,6 +9,13 @@ the rule's and the initialiser's own parameters. Each task of a meta-batch is an
 (or, for a :class:`metaopt.engine.higher_driver.HigherRule`, by ``higher``), and the tasks are
 batched by :mod:`metaopt.engine.batching`.
 
+Mistakes are caught where they are made, with a message that names the value and the fix: when
+the learner is built (a model without trainable parameters, ``adapt`` naming no parameter,
+non-finite ``step_weights``), and at every :meth:`MetaLearner.meta_loss` or
+:meth:`MetaLearner.adapt` before any inner step (an episode of another dtype than the model's;
+in the first forward pass, a classifier with more or fewer outputs than the episode's ways,
+:mod:`metaopt.problems.episode_task`). None costs more per inner step than a shape comparison.
+
 Example:
     >>> import torch
     >>> from metaopt.engine.rules import sgd
@@ -33,6 +40,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +60,57 @@ from metaopt.engine.rules import UpdateRule
 from metaopt.problems.episode import Episode
 from metaopt.problems.episode_task import EpisodeTask, LossFn, default_loss
 
-__all__ = ["AdaptedModel", "MetaLearner", "TaskOutputs", "adapted_parameter_names", "head_parameter_names"]
+__all__ = ["AdaptedModel", "MetaLearner", "TaskOutputs", "adapted_parameter_names", "check_model",
+           "head_parameter_names"]
+
+
+def check_model(model: nn.Module) -> nn.Module:
+    """``model``, checked to have trainable parameters (what a meta-learner adapts and meta-learns).
+
+    Algorithms call it first, before they build rules from the model's parameters.
+
+    Raises:
+        ValueError: the model has no parameters, or none with ``requires_grad=True``.
+
+    Example:
+        >>> check_model(torch.nn.ReLU())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: the model (ReLU) has no trainable parameters; ... (e.g. metaopt.models.MLP or Conv4)
+    """
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
+        frozen = f" (its {len(params)} parameters all have requires_grad=False)" if params else ""
+        fix = ", or unfreeze them: model.requires_grad_(True)" if params else " (e.g. metaopt.models.MLP or Conv4)"
+        raise ValueError(f"the model ({type(model).__name__}) has no trainable parameters{frozen}; a meta-learner "
+                         f"adapts the model's parameters and meta-learns their initial values: give it a model with "
+                         f"parameters{fix}")
+    return model
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _check_inputs(model: nn.Module, x: torch.Tensor) -> None:
+    """The episode's inputs are of the model's dtype (else torch fails in the first layer, naming neither)."""
+    dtype = _floating_dtype(model)
+    if dtype is not None and x.dtype != dtype:
+        convert = {torch.float64: ".double()", torch.float32: ".float()", torch.float16: ".half()",
+                   torch.bfloat16: ".bfloat16()"}
+        raise ValueError(f"the episode's inputs are {x.dtype} but the model's parameters are {dtype}; convert the "
+                         f"learner to the episode's dtype (learner{convert.get(x.dtype, f'.to({x.dtype})')}, which "
+                         f"converts the model and the rule) or the episode's inputs to the model's (support_x"
+                         f"{convert.get(dtype, f'.to({dtype})')} and query_x{convert.get(dtype, f'.to({dtype})')})")
+
+
+def _check_step_weights(weights: Sequence[float]) -> list[float]:
+    values = list(weights)
+    bad = [w for w in values if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"step_weights must be finite numbers, got {values} ({bad[0]!r} is not); give one finite "
+                         "weight per inner step, e.g. [0.0, 0.0, 1.0] for the last of three steps only")
+    return [float(w) for w in values]
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -75,8 +134,12 @@ def adapted_parameter_names(model: nn.Module, adapt: str | Sequence[str]) -> lis
         return None
     if adapt == "head":
         return head_parameter_names(model)
+    given = adapt
     if isinstance(adapt, str):
         adapt = [name.strip() for name in adapt.split(",") if name.strip()]
+    if not adapt:
+        raise ValueError(f"adapt={given!r} names no parameters, so the inner loop would adapt nothing; pass 'all', "
+                         f"'head' (ANIL) or names of the model's parameters {names}")
     unknown = sorted(set(adapt) - set(names))
     if unknown:
         raise ValueError(f"adapt names unknown parameters {unknown}; the model has {names}")
@@ -160,8 +223,8 @@ class MetaLearner(Learner):
         super().__init__()
         self.inner_steps = _check_steps(inner_steps)
         self.eval_steps = _check_steps(inner_steps if eval_inner_steps is None else eval_inner_steps)
-        self.step_weights = None if step_weights is None else resolve_weights(inner_steps, step_weights)
-        self.model = model
+        self.step_weights = step_weights
+        self.model = check_model(model)
         self.rule = rule
         self.initialiser = initialiser
         self.loss_fn = loss_fn
@@ -181,6 +244,16 @@ class MetaLearner(Learner):
         self._loop_only = next((why for applies, why in reasons if applies), None)
         self.strategy = strategy
         resolve_strategy(strategy, torch.device("cpu"), self._loop_only)
+
+    @property
+    def step_weights(self) -> list[float] | None:
+        """Outer-loss weights of the query loss after steps 1..K (``None``: the last step only); checked when set."""
+        return self._step_weights
+
+    @step_weights.setter
+    def step_weights(self, weights: Sequence[float] | None) -> None:
+        self._step_weights = None if weights is None else resolve_weights(self.inner_steps,
+                                                                          _check_step_weights(weights))
 
     @property
     def first_order(self) -> bool:
@@ -221,10 +294,11 @@ class MetaLearner(Learner):
         if not batch.is_batched:
             batch = Episode.stack([batch])
         steps = _check_steps(self.inner_steps if steps is None else steps)
+        _check_inputs(self.model, batch.support_x)
         weights = resolve_weights(steps, self.step_weights if steps == self.inner_steps and not final_step_only
                                   else None)
         strategy = resolve_strategy(self.strategy, batch.support_x.device, self._loop_only)
-        task = functools.partial(self._task, named_params(self.model), steps, weights, track_steps)
+        task = functools.partial(self._task, named_params(self.model), steps, weights, track_steps, batch.ways)
         with self.bn_policy.meta_batch(self.model, training=self.training and torch.is_grad_enabled()):
             losses, step_losses, accuracy = map_tasks(task, batch.tensors(), strategy)
         return TaskOutputs(losses, step_losses if track_steps else None,
@@ -233,11 +307,11 @@ class MetaLearner(Learner):
     def _initial(self, params: Params, task: EpisodeTask) -> tuple[Params, torch.Tensor | None]:
         return (params, None) if self.initialiser is None else self.initialiser(params, task)
 
-    def _task(self, params: Params, steps: int, weights: list[float], track: bool, support_x: torch.Tensor,
-              support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
+    def _task(self, params: Params, steps: int, weights: list[float], track: bool, ways: int | None,
+              support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
               functional: bool) -> tuple[torch.Tensor, ...]:
         """One task's outer loss, per-step query losses and accuracy (tensors, so that tasks batch under vmap)."""
-        task = EpisodeTask(self.model, self.loss_fn, support_x, support_y, query_x, query_y)
+        task = EpisodeTask(self.model, self.loss_fn, support_x, support_y, query_x, query_y, ways)
         with self.bn_policy.task(self.model):
             params, extra = self._initial(params, task)
             trajectory = self.inner.unroll(task, params, steps, functional=functional)
@@ -248,13 +322,43 @@ class MetaLearner(Learner):
     def adapt(self, episode: Episode, steps: int | None = None) -> AdaptedModel:
         """Adapt to one task's support set; the returned predictor leaves this learner unchanged.
 
-        Under :func:`torch.no_grad` the adapted parameters are detached (evaluation); otherwise
-        they stay differentiable with respect to the meta-parameters.
+        Only the support set is read (:meth:`adapt_to` takes it alone). Under
+        :func:`torch.no_grad` the adapted parameters are detached (evaluation); otherwise they
+        stay differentiable with respect to the meta-parameters.
         """
         if episode.is_batched:
             raise ValueError("adapt takes a single-task episode; index the batch (batch[i]) or use meta_loss")
+        return self._adapt(episode.support_x, episode.support_y, episode.ways, steps)
+
+    def adapt_to(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
+                 ways: int | None = None) -> AdaptedModel:
+        """Adapt to a support set alone (no query set needed): the predictor :meth:`adapt` returns for it.
+
+        Args:
+            support_x: the support inputs of one task, ``[N, ...]``.
+            support_y: their labels (``torch.long``) or regression targets.
+            steps: inner steps (default: the evaluation's).
+            ways: the task's classes (default: inferred from the labels, as :class:`Episode` does).
+
+        Raises:
+            metaopt.problems.episode.EpisodeError: the support set is inconsistent (checked as an episode's).
+
+        Example:
+            >>> from metaopt.engine.rules import sgd
+            >>> learner = MetaLearner(torch.nn.Linear(4, 3), sgd(0.5))
+            >>> x, y = torch.randn(6, 4), torch.arange(3).repeat(2)
+            >>> learner.adapt_to(x, y, steps=2)(torch.randn(5, 4)).shape
+            torch.Size([5, 3])
+        """
+        checked = Episode(support_x, support_y, support_x[:1], support_y[:1], ways=ways)  # runs the episode's checks
+        return self._adapt(support_x, support_y, checked.ways, steps)
+
+    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, ways: int | None,
+               steps: int | None) -> AdaptedModel:
         steps = _check_steps(self.eval_steps if steps is None else steps)
-        task = EpisodeTask(self.model, self.loss_fn, *episode.tensors())
+        _check_inputs(self.model, support_x)
+        # the inner loop reads the support set only: it stands in for the query set, which no step reads
+        task = EpisodeTask(self.model, self.loss_fn, support_x, support_y, support_x, support_y, ways)
         with self.bn_policy.meta_batch(self.model, training=False), self.bn_policy.task(self.model):
             params, _ = self._initial(named_params(self.model), task)
             trajectory = self.inner.unroll(task, params, steps)

@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,7 @@ from torch import nn
 
 from metaopt.engine.functional import Params
 
-__all__ = ["HyperParameters", "LearnedRates", "OptimizerFactory", "StepInfo", "UpdateRule", "meta_sgd",
+__all__ = ["HyperParameters", "LearnedRates", "OptimizerFactory", "StepInfo", "UpdateRule", "check_lr", "meta_sgd",
            "per_step_sgd", "sgd"]
 
 #: Builds a ``torch.optim`` optimizer over the parameters it is given (the ``higher`` driver's inner optimizer).
@@ -39,6 +41,44 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: The meta-learned hyper-parameters of a ``torch.optim`` optimizer at inner step ``t``, as ``higher``'s
 #: ``override`` takes them: name -> one tensor for every parameter group, or one per group.
 HyperParameters = Callable[[int], dict[str, list[torch.Tensor]]]
+
+
+def check_lr(lr: object, name: str = "inner_lr") -> float:
+    """``lr`` as a float, checked: a real number (not a string or a bool), finite and > 0.
+
+    Every rule and algorithm that takes a step size checks it here, once, when it is built.
+
+    Args:
+        lr: the step size as given (a Python or numpy number, or a one-element tensor).
+        name: the argument's name, for the message.
+
+    Raises:
+        ValueError: naming the value and the fix.
+
+    Example:
+        >>> check_lr(0.1)
+        0.1
+        >>> check_lr("0.1")
+        Traceback (most recent call last):
+            ...
+        ValueError: inner_lr must be a number, got the string '0.1'; pass inner_lr=0.1 (a float, not a str)
+    """
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+        lr = lr.item()
+    if isinstance(lr, str):
+        try:
+            hint = f"pass {name}={float(lr)!r} (a float, not a str)"
+        except ValueError:
+            hint = f"pass a number, e.g. {name}=0.01"
+        raise ValueError(f"{name} must be a number, got the string {lr!r}; {hint}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {lr!r} ({type(lr).__name__}); pass a float, e.g. {name}=0.01")
+    value = float(lr)
+    if not (value > 0 and math.isfinite(value)):
+        broken = "finite" if math.isinf(value) else "> 0"
+        raise ValueError(f"inner learning rate must be {broken}, got {value}; pass a finite positive step size as "
+                         f"{name}, e.g. {name}=0.01")
+    return value
 
 
 @dataclass(frozen=True)
@@ -89,7 +129,7 @@ class _SGD(UpdateRule):
     def __init__(self, lr: float, learnable: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.learnable = learnable
-        self.lr: float | nn.Parameter = nn.Parameter(torch.tensor(float(lr), dtype=dtype)) if learnable else float(lr)
+        self.lr: float | nn.Parameter = nn.Parameter(torch.tensor(lr, dtype=dtype)) if learnable else lr
 
     def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
         del info
@@ -114,14 +154,15 @@ def sgd(lr: float, learnable: bool = False, dtype: torch.dtype | None = None) ->
     """Plain gradient descent ``θ ← θ - lr · ∇L`` (MAML's inner rule, Finn et al. 2017, §2.2).
 
     Args:
-        lr: the inner learning rate (> 0).
+        lr: the inner learning rate (a finite number > 0, :func:`check_lr`).
         learnable: make ``lr`` a meta-parameter learned in the outer loop (one scalar).
         dtype: dtype of the learnable ``lr`` (default: torch's default dtype); a fixed ``lr``
             is a Python float and takes the parameters' dtype.
+
+    Raises:
+        ValueError: ``lr`` is not a number (a string, say), not finite, or not > 0.
     """
-    if not lr > 0:
-        raise ValueError(f"inner learning rate must be > 0, got {lr}")
-    return _SGD(lr, learnable, dtype)
+    return _SGD(check_lr(lr), learnable, dtype)
 
 
 def _key(name: str) -> str:
@@ -189,7 +230,7 @@ def per_step_sgd(params: Params, steps: int, lr: float) -> LearnedRates:
     Args:
         params: the parameters the inner loop adapts, by name (only names and tensors' dtypes are used).
         steps: inner steps during meta-training.
-        lr: initial rate of every parameter and step.
+        lr: initial rate of every parameter and step (a finite number > 0, :func:`check_lr`).
 
     Example:
         >>> rule = per_step_sgd({"w": torch.zeros(3, 2), "b": torch.zeros(3)}, steps=5, lr=0.1)
@@ -198,7 +239,8 @@ def per_step_sgd(params: Params, steps: int, lr: float) -> LearnedRates:
     """
     if steps < 1:
         raise ValueError(f"per_step_sgd needs steps >= 1, got {steps}")
-    return LearnedRates({name: torch.full((steps,), float(lr), dtype=p.dtype, device=p.device)
+    lr = check_lr(lr)
+    return LearnedRates({name: torch.full((steps,), lr, dtype=p.dtype, device=p.device)
                          for name, p in params.items()},
                         per_step=True)
 
@@ -213,7 +255,7 @@ def meta_sgd(params: Params, init: float | tuple[float, float] = (0.005, 0.1),
     Args:
         params: the parameters the inner loop adapts, by name.
         init: ``(low, high)`` for rates drawn uniformly (the paper: ``[0.005, 0.1]``) or one
-            constant (learn2learn's choice: its ``lr``).
+            constant (learn2learn's choice: its ``lr``); finite numbers, and a constant > 0.
         generator: random generator for the uniform draw (default: torch's global one).
 
     Example:
@@ -221,14 +263,25 @@ def meta_sgd(params: Params, init: float | tuple[float, float] = (0.005, 0.1),
         >>> rule.rate("w", 0).shape
         torch.Size([3, 2])
     """
+    if isinstance(init, (tuple, list)):
+        if len(init) != 2:
+            raise ValueError(f"meta_sgd's uniform init is (low, high), got {init!r}; pass e.g. init=(0.005, 0.1)")
+        init = low, high = tuple(_finite(bound, "meta_sgd's uniform init bound") for bound in init)
+        if not 0 <= low <= high:
+            raise ValueError(f"meta_sgd's uniform init needs 0 <= low <= high, got {init}")
+    else:
+        init = check_lr(init, "init")
     rates = {}
     for name, p in params.items():
         if isinstance(init, tuple):
-            low, high = init
-            if not 0 <= low <= high:
-                raise ValueError(f"meta_sgd's uniform init needs 0 <= low <= high, got {init}")
             drawn = torch.empty(p.shape, dtype=p.dtype).uniform_(low, high, generator=generator)
             rates[name] = drawn.to(p.device)
         else:
-            rates[name] = torch.full(p.shape, float(init), dtype=p.dtype, device=p.device)
+            rates[name] = torch.full(p.shape, init, dtype=p.dtype, device=p.device)
     return LearnedRates(rates, per_step=False)
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}; pass e.g. init=(0.005, 0.1)")
+    return float(value)

@@ -118,10 +118,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(_json_ready(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
+def save_atomic(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj, path)``, atomically: a reader (or a killed writer) sees the old file or the new one."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Atomically write ``state`` (tensors, numbers, strings, containers of them) to ``path``."""
-    payload = {"format": FORMAT, "version": VERSION, **state}
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    save_atomic(path, {"format": FORMAT, "version": VERSION, **state})
 
 
 def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict[str, Any]:

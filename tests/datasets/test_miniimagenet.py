@@ -329,3 +329,66 @@ def test_an_option_it_does_not_take_is_refused() -> None:
     with pytest.raises(ConfigError, match="^'protocol' is not an option of dataset 'miniimagenet'; its options are "
                                           "shots, query, eval_query, meta_batch, ways, data_root$"):
         Section.from_dict("dataset", {"name": "miniimagenet", "protocol": "ravi"})
+
+
+# ---- damaged files, status line, missing data ---------------------------------------------------
+
+def _where(root: Path) -> str:
+    return f"into {root} (the miniimagenet/ folder under $METAOPT_DATA, or under --data-root / data_root when given)"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
+def test_truncated_pickle_names_the_file_and_the_fix(tmp_path: Path, keep: float) -> None:
+    _write_pickle(tmp_path)
+    path = tmp_path / "mini-imagenet-cache-test.pkl"
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    error = "UnpicklingError: pickle data was truncated" if keep else "EOFError: Ran out of input"
+    message = (f"{path} is truncated or corrupt ({error}); it cannot be unpickled: replace it with a complete "
+               f"mini-imagenet-cache-test.pkl and put it {_where(tmp_path)}, or use Ravi's images/ folder of JPEGs "
+               "instead")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_jpeg_names_the_file(tmp_path: Path, damage: str) -> None:
+    paths = _write_images(tmp_path)
+    raw = paths[9].read_bytes()
+    paths[9].write_bytes(b"not a jpeg" if damage == "garbage" else raw[: len(raw) // 3])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(paths[9]))} is not a readable image \\(.*\\); it is "
+                                         "truncated or corrupt: replace it with the original file"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("write", [_write_images, _write_pickle], ids=["images", "pickle"])
+def test_first_decoding_prints_one_status_line(tmp_path: Path, write: Callable[[Path], object], _private_cache: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path)
+    capsys.readouterr()
+    _load(tmp_path)
+    [cache] = _private_cache.rglob("*.pt")
+    what = "mini-imagenet-cache-test.pkl" if write is _write_pickle else f"80 JPEGs of {tmp_path / 'images'}"
+    assert capsys.readouterr().err == f"decoding miniImageNet test: {what} (first time; cached in {cache})\n"
+    _load(tmp_path)
+    assert capsys.readouterr().err == "", "a cached load says nothing"
+
+
+def test_missing_data_says_where_to_put_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as error:
+        MiniImageNet(tmp_path, "test")
+    assert str(error.value).endswith(
+        f"; put either {_where(tmp_path)} (no images ship with metaopt and it cannot download them: they come from "
+        "ILSVRC-2012)")
+    assert "download=True" not in str(error.value)
+
+
+def test_options_the_split_cannot_serve_name_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mi, "MiniImageNet", lambda root, split: {c: torch.zeros(COUNT, 3, 4, 4) for c in range(6)})
+    section = Section.from_dict("dataset", {"name": "miniimagenet", "shots": 5, "query": 3, "eval_query": 15})
+    with pytest.raises(ConfigError, match=re.escape("eval_query=15 plus shots=5 exceeds 16, the most examples a "
+                                                    "class of the dataset val split has")):
+        section.entry.build(section.options, "val", 0)
+    section = Section.from_dict("dataset", {"name": "miniimagenet", "ways": 7})
+    with pytest.raises(ConfigError, match=re.escape("ways=7 exceeds the 6 classes of the dataset train split; lower "
+                                                    "--ways to at most 6")):
+        section.entry.build(section.options, "train", 0)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import struct
 import urllib.error
 from pathlib import Path
@@ -395,3 +396,83 @@ def test_an_option_it_does_not_take_is_refused() -> None:
         Section.from_dict("dataset", {"name": "mnist-mlp", "query": 15})
     with pytest.raises(ConfigError, match=r"option 'activation' must be one of \('sigmoid', 'relu'\), got 'tanh'"):
         Section.from_dict("dataset", {"name": "mnist-mlp", "activation": "tanh"})
+
+
+# --- Fashion-MNIST in the MNIST folder, and where missing files go ------------------------------------------------
+
+FASHION = Path(DATA, "fashion-mnist") if DATA else None
+needs_fashion = pytest.mark.skipif(FASHION is None or not FASHION.is_dir(),
+                                   reason="set METAOPT_DATA to the folder holding fashion-mnist/ (the four IDX files)")
+
+
+def _fashion_fix(folder: Path) -> str:
+    return (f"{folder} holds Fashion-MNIST, not MNIST (same file names and layout). Put train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz from "
+            "http://yann.lecun.com/exdb/mnist/ (or the mirror https://ossci-datasets.s3.amazonaws.com/mnist/) into "
+            f"{folder} (the mnist/ folder under $METAOPT_DATA, or under --data-root / data_root when given), and keep "
+            "Fashion-MNIST in a folder of its own (e.g. $METAOPT_DATA/fashion-mnist)")
+
+
+def test_fashion_md5s_are_the_published_ones() -> None:
+    gz = {name: md5 for md5, name in mnist.FASHION_MD5.items() if name.endswith(".gz")}
+    assert gz == {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                  "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                  "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                  "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}
+    assert not set(mnist.FASHION_MD5) & set(mnist.KNOWN_MD5.values())
+
+
+@needs_fashion
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fashion_mnist_files_in_the_mnist_folder_are_recognised(tmp_path: Path, split: str) -> None:
+    for name in (n for pair in mnist.FILES.values() for n in pair):
+        (tmp_path / name).symlink_to(FASHION / name)
+        assert hashlib.md5((FASHION / name).read_bytes()).hexdigest() in mnist.FASHION_MD5, "the shared files"
+    name = mnist.FILES[split][0]
+    md5 = hashlib.md5((FASHION / name).read_bytes()).hexdigest()
+    message = f"{tmp_path / name} is Fashion-MNIST's {name} (MD5 {md5}): {_fashion_fix(tmp_path)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_mnist(tmp_path, split=split)
+
+
+@needs_fashion
+def test_decompressed_fashion_mnist_files_are_recognised(tmp_path: Path) -> None:
+    raw = gzip.decompress((FASHION / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").symlink_to(FASHION / "t10k-labels-idx1-ubyte.gz")
+    message = (f"{tmp_path / 't10k-images-idx3-ubyte'} is Fashion-MNIST's t10k-images-idx3-ubyte (MD5 "
+               f"8181f5470baa50b63fa0f6fddb340f0a): {_fashion_fix(tmp_path)}")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_mnist(tmp_path, split="test")
+
+
+@needs_fashion
+def test_recompressed_fashion_mnist_is_recognised_by_its_balanced_classes(tmp_path: Path) -> None:
+    labels = gzip.decompress((FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels, mtime=0))  # another gzip header
+    _write(tmp_path / "t10k-images-idx3-ubyte", _idx_bytes(mnist.IMAGE_MAGIC, np.zeros((10000, 28, 28))))
+    message = (f"{tmp_path / 't10k-labels-idx1-ubyte.gz'} has exactly 1000 labels of every class, as Fashion-MNIST "
+               f"has (MNIST's classes are unbalanced): {_fashion_fix(tmp_path)}")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_mnist(tmp_path, split="test")
+
+
+def test_missing_files_message_says_where_they_go(fake: Path) -> None:
+    (fake / "train-images-idx3-ubyte.gz").unlink()
+    message = (f"MNIST train files not found in {fake}: missing train-images-idx3-ubyte.gz; put "
+               "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+               "t10k-labels-idx1-ubyte.gz from http://yann.lecun.com/exdb/mnist/ (or the mirror "
+               f"https://ossci-datasets.s3.amazonaws.com/mnist/) into {fake} (the mnist/ folder under $METAOPT_DATA, "
+               "or under --data-root / data_root when given); from Python, metaopt.datasets.mnist.download_mnist(root) "
+               "fetches them when online")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        load_mnist(fake)
+
+
+def test_no_data_folder_names_metaopt_data_and_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METAOPT_DATA", raising=False)
+    message = ("no data folder given for mnist: set METAOPT_DATA to the folder that holds mnist/ (e.g. export "
+               "METAOPT_DATA=../shared/data), or name that folder with --data-root on the command line "
+               "(root=<folder>/mnist in Python)")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        load_mnist()

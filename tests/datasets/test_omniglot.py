@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -212,3 +213,100 @@ def test_an_option_it_does_not_take_is_refused() -> None:
     with pytest.raises(ConfigError, match="^'image_size' is not an option of dataset 'omniglot'; its options are "
                                           "shots, query, eval_query, meta_batch, ways, protocol, data_root$"):
         Section.from_dict("dataset", {"name": "omniglot", "image_size": 28})
+
+
+# ---- damaged archives, status line, errors that name the option ---------------------------------
+
+def _how_to_replace(name: str, root: Path) -> str:
+    return (f"replace it with a complete {name}.zip from github.com/brendenlake/omniglot (python/ folder) and put it "
+            f"into {root} (the omniglot/ folder under $METAOPT_DATA, or under --data-root / data_root when given); "
+            "from Python, delete it and call Omniglot(..., download=True) to fetch it again")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a zip"])
+def test_damaged_archive_names_the_file_and_the_fix(tmp_path: Path, damage: str) -> None:
+    _write_fake(tmp_path)
+    path = tmp_path / f"{om.EVALUATION}.zip"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"<html>404</html>")
+    message = (f"{path} is not a complete zip archive ({path.stat().st_size} bytes, no zip directory: truncated or "
+               f"corrupt); {_how_to_replace(om.EVALUATION, tmp_path)}")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Omniglot(tmp_path, split="test")
+
+
+def test_corrupt_member_names_the_archive_and_the_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path / "cache"))
+    _write_fake(tmp_path)
+    path = tmp_path / f"{om.BACKGROUND}.zip"
+    with zipfile.ZipFile(path) as z:
+        member = sorted(n for n in z.namelist() if n.endswith(".png"))[0]
+        info = z.getinfo(member)
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename.encode()) + 40] ^= 0xFF  # a byte of the member's data
+    path.write_bytes(bytes(raw))
+    fix = re.escape(_how_to_replace(om.BACKGROUND, tmp_path))
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: member {member} cannot be read (Bad CRC-32')}.*"
+                                         f"the archive is corrupt: {fix}$"):
+        om._load_images(tmp_path, 28)
+
+
+def test_first_decoding_prints_one_status_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path / "cache"))
+    _write_fake(tmp_path / "omni")
+    capsys.readouterr()
+    om._load_images(tmp_path / "omni", 28)
+    [cache] = (tmp_path / "cache").glob("omniglot-28px-*.pt")
+    assert capsys.readouterr().err == (f"decoding Omniglot images_background.zip, images_evaluation.zip (first time, "
+                                       f"about 15 s; cached in {cache})\n")
+    om._load_images(tmp_path / "omni", 28)
+    assert capsys.readouterr().err == "", "a cached load says nothing"
+
+
+def test_missing_data_message_names_metaopt_data_and_the_python_download(tmp_path: Path) -> None:
+    message = (f"Omniglot not found in {tmp_path}: missing images_background.zip (or folder images_background/), "
+               "images_evaluation.zip (or folder images_evaluation/). Fetch images_background.zip and "
+               "images_evaluation.zip from github.com/brendenlake/omniglot (python/ folder) and put them into "
+               f"{tmp_path} (the omniglot/ folder under $METAOPT_DATA, or under --data-root / data_root when given); "
+               "from Python, Omniglot(..., download=True) fetches them when online")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        Omniglot(tmp_path, split="test")
+
+
+def test_safe_extract_refuses_symbolic_links(tmp_path: Path) -> None:
+    archive = tmp_path / "links.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok/file.txt", "fine")
+        link = zipfile.ZipInfo("ok/passwd")
+        link.external_attr = (0o120777 << 16)  # a symbolic link, as `zip --symlinks` stores it
+        z.writestr(link, "/etc/passwd")
+    target = tmp_path / "out"
+    message = (f"unsafe member 'ok/passwd' in {archive}: a symbolic link (to '/etc/passwd'), which could point outside "
+               f"{target.resolve()}; nothing was extracted: remove the link from the archive")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        safe_extract(archive, target)
+    assert not target.exists() or not any(target.iterdir())
+
+
+def _twenty_drawings(root: Path | None, split: str, protocol: str) -> dict[int, torch.Tensor]:
+    return {c: torch.zeros(om.DRAWINGS, 1, 4, 4) for c in range(30)}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_query_too_large_for_the_drawings_names_eval_query(split: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(om, "Omniglot", _twenty_drawings)
+    section = Section.from_dict("dataset", {"name": "omniglot", "shots": 10, "query": 1, "eval_query": 15})
+    message = (f"eval_query=15 plus shots=10 exceeds 20, the most examples a class of the dataset {split} split has "
+               "(validation and test tasks draw shots + eval_query examples per class); lower --eval-query or --shots")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        section.entry.build(section.options, split, 0)
+    assert section.entry.build(section.options, "train", 0).query == 1, "training tasks use query=1: they fit"
+
+
+@needs_data
+def test_shots_10_with_the_presets_eval_query_on_real_omniglot() -> None:
+    options = OmniglotOptions(ways=5, shots=10, query=1, eval_query=15, meta_batch=2, data_root=DATA)
+    message = ("eval_query=15 plus shots=10 exceeds 20, the most examples a class of the Omniglot test split has "
+               "(validation and test tasks draw shots + eval_query examples per class); lower --eval-query or --shots")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        build_omniglot(options, "test", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +21,7 @@ from metaopt.engine.learner import Evaluation
 from metaopt.engine.meta_learner import AdaptedModel, MetaLearner, adapted_parameter_names, head_parameter_names
 from metaopt.engine.rules import UpdateRule, sgd
 from metaopt.models import MLP, Conv4
-from metaopt.problems.episode import Episode
+from metaopt.problems.episode import Episode, EpisodeError
 from metaopt.problems.episode_task import EpisodeTask
 from tests.helpers import (
     assert_close_dicts,
@@ -327,3 +328,156 @@ def test_zero_steps_is_an_error_not_the_default() -> None:
     with pytest.raises(ValueError, match="at least one step"):
         learner.adapt(batch[0], steps=0)
 
+
+
+def classification_task(ways: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> Episode:
+    """A ``ways``-way task of 4-feature inputs, two support and three query examples per class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return Episode(torch.randn(2 * ways, 4, generator=g, dtype=dtype), labels.repeat(2),
+                   torch.randn(3 * ways, 4, generator=g, dtype=dtype), labels.repeat(3))
+
+
+def entry_points(learner: MetaLearner, task: Episode) -> list[Callable[[], object]]:
+    """Every way into the inner loop: meta_loss, evaluate, adapt and adapt_to."""
+    return [lambda: learner.meta_loss(task), lambda: learner.evaluate(Episode.stack([task])),
+            lambda: learner.adapt(task), lambda: learner.adapt_to(task.support_x, task.support_y)]
+
+
+def test_a_model_without_trainable_parameters_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^the model \(ReLU\) has no trainable parameters; a meta-learner adapts "
+                                         r"the model's parameters and meta-learns their initial values: give it a "
+                                         r"model with parameters \(e\.g\. metaopt\.models\.MLP or Conv4\)$"):
+        MetaLearner(nn.ReLU(), sgd(0.1))
+    with pytest.raises(ValueError, match=r"^the model \(Linear\) has no trainable parameters \(its 2 parameters all "
+                                         r"have requires_grad=False\); a meta-learner adapts the model's parameters "
+                                         r"and meta-learns their initial values: give it a model with parameters, or "
+                                         r"unfreeze them: model.requires_grad_\(True\)$"):
+        MetaLearner(nn.Linear(2, 2).requires_grad_(False), sgd(0.1))
+    partly = nn.Linear(2, 2)
+    partly.bias.requires_grad_(False)
+    assert [n for n, _ in MetaLearner(partly, sgd(0.1)).named_parameters()] == ["model.weight", "model.bias"]
+
+
+@pytest.mark.parametrize("adapt", [[], "", " , "])
+def test_adapting_no_parameter_is_refused(adapt: object) -> None:
+    message = (f"adapt={adapt!r} names no parameters, so the inner loop would adapt nothing; pass 'all', 'head' "
+               "(ANIL) or names of the model's parameters ['weight', 'bias']")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        MetaLearner(nn.Linear(2, 2), sgd(0.1), adapt=adapt)
+
+
+@pytest.mark.parametrize("weights, bad", [([0.5, float("nan")], "nan"), ([float("inf"), 1.0], "inf"),
+                                          ([0.0, "1"], "'1'"), ([None, 1.0], "None")])
+def test_step_weights_must_be_finite_numbers(weights: list, bad: str) -> None:
+    message = (f"step_weights must be finite numbers, got {weights} ({bad} is not); give one finite weight per inner "
+               "step, e.g. [0.0, 0.0, 1.0] for the last of three steps only")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        MetaLearner(nn.Linear(2, 2), sgd(0.1), inner_steps=2, step_weights=weights)
+    learner = MetaLearner(nn.Linear(2, 2), sgd(0.1), inner_steps=2, step_weights=(1, 2))
+    assert learner.step_weights == [1.0, 2.0]
+    with pytest.raises(ValueError, match=re.escape(message)):  # checked whenever set (MAML++ sets it every epoch)
+        learner.step_weights = weights
+    with pytest.raises(ValueError, match="3 step weights given for 2 inner steps"):
+        learner.step_weights = [0.0, 0.0, 1.0]
+    learner.step_weights = None
+    assert learner.step_weights is None
+
+
+@pytest.mark.parametrize("driver", ["loop", "vmap", "higher"])
+def test_more_or_fewer_outputs_than_the_episodes_ways_are_named(driver: str) -> None:
+    rule = HigherRule(sgd(0.1)) if driver == "higher" else sgd(0.1)
+    strategy = "auto" if driver == "higher" else driver
+    task = classification_task(ways=3)
+    for outputs in (5, 2):
+        learner = MetaLearner(nn.Linear(4, outputs), rule, strategy=strategy)
+        message = (f"the model outputs {outputs} class scores per example but the episode is 3-way (labels 0..2); "
+                   f"build the model with 3 outputs (e.g. Conv4(num_classes=3) or MLP(in_features, 3)), or sample "
+                   f"{outputs}-way episodes")
+        for run in entry_points(learner, task):
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+                run()
+    scalar = MetaLearner(nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), sgd(0.1), strategy=strategy)
+    with pytest.raises(ValueError, match=re.escape("the model outputs shape (6,) for labels of shape (6,); "
+                                                   "classification needs one score per class for every example, "
+                                                   "shape (6, 3): give the model one output per class")):
+        scalar.meta_loss(task)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_float_labels_for_a_classifier_are_named(strategy: str) -> None:
+    task = classification_task(ways=3)
+    floats = Episode(task.support_x, task.support_y.float(), task.query_x, task.query_y.float())
+    learner = MetaLearner(nn.Linear(4, 3), sgd(0.1), strategy=strategy)
+    message = ("the model predicts shape (6, 3) but the targets have shape (6,) (torch.float32): labels must be "
+               "integer class ids (torch.long) for classification; float targets mean regression, one target per "
+               "model output (shape (6, 3)); convert labels with .long()")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        learner.meta_loss(floats)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        learner.adapt(floats)
+    columns = Episode(task.support_x, task.support_y.float()[:, None], task.query_x, task.query_y.float()[:, None])
+    with pytest.raises(ValueError, match=re.escape("the model predicts shape (6, 3) but the targets have shape (6, 1) "
+                                                   "(torch.float32): labels must be integer class ids")):
+        learner.meta_loss(columns)
+    loss, metrics = learner.meta_loss(task)  # the same episode with its labels as they should be
+    assert metrics.keys() == {"loss", "accuracy"} and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_an_episode_of_another_dtype_than_the_model_is_named(strategy: str) -> None:
+    single = MetaLearner(nn.Linear(4, 3), sgd(0.1), strategy=strategy)
+    wide = classification_task(dtype=torch.float64)
+    message = ("the episode's inputs are torch.float64 but the model's parameters are torch.float32; convert the "
+               "learner to the episode's dtype (learner.double(), which converts the model and the rule) or the "
+               "episode's inputs to the model's (support_x.float() and query_x.float())")
+    for run in entry_points(single, wide):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            run()
+    double = MetaLearner(nn.Linear(4, 3).double(), sgd(0.1), strategy=strategy)
+    with pytest.raises(ValueError, match=re.escape("the episode's inputs are torch.float32 but the model's parameters "
+                                                   "are torch.float64; convert the learner to the episode's dtype "
+                                                   "(learner.float(), which converts the model and the rule) or the "
+                                                   "episode's inputs to the model's (support_x.double() and "
+                                                   "query_x.double())")):
+        double.meta_loss(classification_task())
+    single.double()  # the first fix
+    assert torch.isfinite(single.meta_loss(wide)[0])
+
+
+@pytest.mark.parametrize("bn_policy", ["batch", "frozen", "running", "support"])
+def test_adapting_to_a_support_set_alone_predicts_as_adapting_to_the_episode(bn_policy: str) -> None:
+    batch = toy_classification_batch()
+    task = batch[0]
+    learner = MetaLearner(trained_convnet(), sgd(0.5), eval_inner_steps=2, bn_policy=bn_policy)
+    alone, full = learner.adapt_to(task.support_x, task.support_y), learner.adapt(task)
+    assert alone.bn_policy == full.bn_policy and alone.params.keys() == full.params.keys()
+    for name in full.params:
+        assert torch.equal(alone.params[name], full.params[name]), name
+    assert torch.equal(alone(task.query_x), full(task.query_x))
+    assert torch.equal(learner.adapt_to(task.support_x, task.support_y, steps=1)(task.query_x),
+                       learner.adapt(task, steps=1)(task.query_x))
+    other = Episode(task.support_x, task.support_y, batch.query_x[1], batch.query_y[1])  # the query set is not read
+    assert torch.equal(learner.adapt(other)(task.query_x), full(task.query_x))
+
+
+def test_adapting_to_a_support_set_alone_with_an_initialiser_and_regression_targets() -> None:
+    learner = MetaLearner(tiny_mlp(), sgd(0.1), inner_steps=2, initialiser=ShiftedBias())
+    task = toy_regression_batch()[0]
+    alone, full = learner.adapt_to(task.support_x, task.support_y), learner.adapt(task)
+    assert torch.equal(alone.params["2.bias"], full.params["2.bias"])
+    assert torch.equal(alone(task.query_x), full(task.query_x))
+
+
+def test_a_support_set_alone_is_checked_as_an_episodes() -> None:
+    """The episode's checks (their messages are tests/problems/test_episode.py's), then the model's outputs."""
+    learner = MetaLearner(nn.Linear(4, 4), sgd(0.1))
+    task = classification_task(ways=3)
+    with pytest.raises(EpisodeError, match="support_x"):
+        learner.adapt_to(task.support_x, task.support_y[:5])
+    with pytest.raises(EpisodeError, match="support_x contains NaN or infinite values"):
+        learner.adapt_to(torch.full((6, 4), float("nan")), task.support_y)
+    with pytest.raises(ValueError, match="the model outputs 4 class scores per example but the episode is 3-way"):
+        learner.adapt_to(task.support_x, task.support_y)
+    four = classification_task(ways=4)
+    assert learner.adapt_to(four.support_x, four.support_y, ways=4)(four.query_x).shape == (12, 4)

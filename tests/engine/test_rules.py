@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from metaopt.engine.rules import LearnedRates, StepInfo, UpdateRule, meta_sgd, per_step_sgd, sgd
+from metaopt.engine.rules import LearnedRates, StepInfo, UpdateRule, check_lr, meta_sgd, per_step_sgd, sgd
 
 
 def test_sgd_step_is_pure_gradient_descent() -> None:
@@ -260,3 +261,51 @@ def test_per_step_sgd_torch_optimizer_applies_the_step_t_rates() -> None:
     expected, _ = rule.step(params, gradients, (), StepInfo(1))
     for leaf, name in zip(leaves, params):
         torch.testing.assert_close(leaf.detach(), expected[name].detach())
+
+
+@pytest.mark.parametrize("lr, message", [
+    ("0.1", "inner_lr must be a number, got the string '0.1'; pass inner_lr=0.1 (a float, not a str)"),
+    ("fast", "inner_lr must be a number, got the string 'fast'; pass a number, e.g. inner_lr=0.01"),
+    (None, "inner_lr must be a number, got None (NoneType); pass a float, e.g. inner_lr=0.01"),
+    (True, "inner_lr must be a number, got True (bool); pass a float, e.g. inner_lr=0.01"),
+    (float("inf"), "inner learning rate must be finite, got inf; pass a finite positive step size as inner_lr, e.g. "
+                   "inner_lr=0.01"),
+    (float("nan"), "inner learning rate must be > 0, got nan; pass a finite positive step size as inner_lr, e.g. "
+                   "inner_lr=0.01"),
+    (-1, "inner learning rate must be > 0, got -1.0; pass a finite positive step size as inner_lr, e.g. "
+         "inner_lr=0.01"),
+])
+def test_a_learning_rate_is_a_finite_positive_number(lr: object, message: str) -> None:
+    for make in (lambda: check_lr(lr), lambda: sgd(lr), lambda: sgd(lr, learnable=True),
+                 lambda: per_step_sgd({"w": torch.zeros(2)}, steps=2, lr=lr)):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            make()
+
+
+def test_numbers_of_every_kind_are_learning_rates() -> None:
+    import numpy as np
+
+    assert [check_lr(v) for v in (1, 0.5, np.float32(0.25), torch.tensor(0.125))] == [1.0, 0.5, 0.25, 0.125]
+    assert type(sgd(np.float64(0.3)).lr) is float and sgd(torch.tensor(0.3, dtype=torch.float64)).lr == 0.3
+
+
+@pytest.mark.parametrize("init, message", [
+    (float("nan"), "inner learning rate must be > 0, got nan; pass a finite positive step size as init, e.g. "
+                   "init=0.01"),
+    ("0.01", "init must be a number, got the string '0.01'; pass init=0.01 (a float, not a str)"),
+    ((float("nan"), 0.1), "meta_sgd's uniform init bound must be a finite number, got nan; pass e.g. "
+                          "init=(0.005, 0.1)"),
+    ((0.005, float("inf")), "meta_sgd's uniform init bound must be a finite number, got inf; pass e.g. "
+                            "init=(0.005, 0.1)"),
+    ((0.1,), "meta_sgd's uniform init is (low, high), got (0.1,); pass e.g. init=(0.005, 0.1)"),
+])
+def test_meta_sgd_rejects_non_numbers_and_non_finite_inits(init: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        meta_sgd({"w": torch.zeros(2)}, init=init)
+
+
+def test_meta_sgd_takes_uniform_bounds_as_a_list_too() -> None:
+    params = {"w": torch.zeros(50)}
+    listed = meta_sgd(params, init=[0.2, 0.3], generator=torch.Generator().manual_seed(0))
+    paired = meta_sgd(params, init=(0.2, 0.3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(listed.rates["w"], paired.rates["w"])

@@ -1,12 +1,15 @@
 """Episodes (metaopt/problems/episode.py): validation messages, batching (stack / unbind / index / cat), device
-moves."""
+moves, DataLoader collation."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from torch.utils.data import default_collate
 
-from metaopt.problems.episode import Episode, EpisodeError
+from metaopt.problems.episode import Episode, EpisodeError, collate_episodes
 from tests.helpers import assert_episodes_equal
 
 
@@ -69,6 +72,84 @@ def test_invalid_episodes_raise_clear_errors(kwargs: dict, message: str) -> None
         Episode(**kwargs)
 
 
+X6, X12 = torch.zeros(6, 5), torch.zeros(12, 5)
+NAN_TARGETS, INF_TARGETS = torch.zeros(12).index_fill_(0, torch.tensor([7]), float("nan")), torch.zeros(12)
+INF_TARGETS[2] = -float("inf")
+BATCH_X, BATCH_Y = torch.zeros(4, 10, 1), torch.zeros(4, 10, 1)
+
+EXACT = {
+    "nan query regression target": (parts(support_y=torch.zeros(6), query_y=NAN_TARGETS),
+                                    "query_y contains NaN or infinite values (example 7); regression targets must be "
+                                    "finite: repair or drop those examples"),
+    "infinite query regression target": (parts(support_y=torch.zeros(6), query_y=INF_TARGETS),
+                                         "query_y contains NaN or infinite values (example 2); regression targets must "
+                                         "be finite: repair or drop those examples"),
+    "nan query input": (parts(query_x=NAN_INPUTS), "query_x contains NaN or infinite values (example 3); inputs must "
+                                                   "be finite: repair or drop those examples"),
+    "labels 1..ways": (parts(support_y=torch.arange(1, 4).repeat(2), query_y=torch.arange(1, 4).repeat(4)),
+                       "support_y has no example of class 0 of a 4-way task (ways=4 inferred from the largest label, "
+                       "3; labels found: 1..3); relabel the classes as 0..ways-1"),
+    "labels 1..ways with ways given": (dict(parts(support_y=torch.arange(1, 4).repeat(2),
+                                                  query_y=torch.arange(1, 4).repeat(4)), ways=3),
+                                       "support_y holds labels in [1, 3], outside [0, 3) for a 3-way task; relabel "
+                                       "the classes as 0..ways-1"),
+    "a gap in the labels": (parts(support_y=torch.tensor([0, 0, 2, 2, 3, 3]), query_y=torch.tensor([0, 2, 3] * 4)),
+                            "support_y has no example of class 1 of a 4-way task (ways=4 inferred from the largest "
+                            "label, 3; labels found: [0, 2, 3]); relabel the classes as 0..ways-1"),
+    "a class without support examples": (dict(parts(), ways=5), "support_y has no example of classes [3, 4] of a "
+                                                                "5-way task (labels found: 0..2); relabel the classes "
+                                                                "as 0..ways-1"),
+    "query label absent from the support set": (dict(parts(query_y=torch.tensor([0, 1, 2, 3] * 3)), ways=4),
+                                                "query_y holds label(s) [3] that no support example has; every query "
+                                                "class needs support examples: draw the support and query sets from "
+                                                "the same classes"),
+    "batched labels without batched=True": (dict(support_x=torch.zeros(4, 6, 5), support_y=torch.arange(3).repeat(4, 2),
+                                                 query_x=torch.zeros(4, 12, 5), query_y=torch.arange(3).repeat(4, 4)),
+                                            "support_y has shape (4, 6) and support_x (4, 6, 5): a batch of 4 tasks of "
+                                            "6 examples, but batched is not set; pass batched=True, or build the batch "
+                                            "from single tasks with Episode.stack([...])"),
+    "batched regression without batched=True": (dict(support_x=BATCH_X, support_y=BATCH_Y, query_x=BATCH_X,
+                                                     query_y=BATCH_Y),
+                                                "support_x (4, 10, 1), support_y (4, 10, 1), query_x (4, 10, 1) and "
+                                                "query_y (4, 10, 1) look like a batch of 4 tasks (a leading task "
+                                                "dimension), but batched is not set; pass batched=True, or build the "
+                                                "batch from single tasks with Episode.stack([...]); or pass "
+                                                "batched=False if this is one task"),
+    "batched labels with batched=False": (dict(support_x=torch.zeros(4, 6, 5), support_y=torch.arange(3).repeat(4, 2),
+                                               query_x=torch.zeros(4, 6, 5), query_y=torch.arange(3).repeat(4, 2),
+                                               batched=False),
+                                          "support_y has shape (4, 6); labels must be one integer per example "
+                                          "(one-hot labels: use .argmax(-1); a leading task dimension: pass "
+                                          "batched=True or build the batch with Episode.stack)"),
+}
+
+
+@pytest.mark.parametrize("kwargs, message", EXACT.values(), ids=EXACT.keys())
+def test_invalid_episodes_raise_exact_messages(kwargs: dict, message: str) -> None:
+    with pytest.raises(EpisodeError, match=f"^{re.escape(message)}$"):
+        Episode(**kwargs)
+
+
+def test_batched_checks_name_the_task() -> None:
+    batch = Episode.stack([task(), task(seed=1), task(seed=2)])
+    support_y = batch.support_y.clone()
+    support_y[1] = torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(EpisodeError, match=re.escape("query_y of task 1 holds label(s) [2] that no support example")):
+        Episode(batch.support_x, support_y, batch.query_x, batch.query_y, batched=True)
+    query_y = batch.query_y.clone().float()
+    query_y[2, 5] = float("nan")
+    with pytest.raises(EpisodeError, match=re.escape("query_y contains NaN or infinite values (task 2, example 5)")):
+        Episode(batch.support_x, batch.support_y.float(), batch.query_x, query_y, batched=True)
+    assert Episode(*batch.tensors(), batched=True).ways == 3
+
+
+def test_batched_false_says_one_task_of_sequences() -> None:
+    x, y = torch.randn(4, 10, 1), torch.randn(4, 10, 1)  # 4 examples, each a sequence of 10 steps
+    ep = Episode(x, y, x, y, batched=False)
+    assert not ep.is_batched and ep.num_tasks == 1 and ep.batched is False
+    assert Episode(torch.randn(4, 10, 1), torch.randn(4, 1), x, torch.randn(4, 1)).batched is False, "not a batch"
+
+
 def test_episode_error_is_a_value_error() -> None:
     assert issubclass(EpisodeError, ValueError)
 
@@ -110,6 +191,22 @@ def test_stack_checks_its_input() -> None:
         task()[0]
 
 
+def test_stack_refuses_tasks_of_different_ways() -> None:
+    three = task(ways=3, shots=5, query=5)   # 15 support and 15 query examples, as the 5-way task below
+    five = task(ways=5, shots=3, query=3)
+    assert [tuple(t.shape) for t in three.tensors()] == [tuple(t.shape) for t in five.tensors()]
+    message = ("Episode.stack got episodes of different ways ([3, 5]); a batch holds tasks of one ways: sample them "
+               "with the same ways, or stack each ways separately")
+    for order in ([three, five], [five, three], [three, three, five]):
+        with pytest.raises(EpisodeError, match=f"^{re.escape(message)}$"):
+            Episode.stack(order)
+    assert Episode.stack([five, five]).ways == 5 and Episode.stack([three]).ways == 3
+    x = torch.zeros(15, 5)
+    with pytest.raises(EpisodeError, match="^Episode.stack got classification and regression episodes; a batch "
+                                           "holds tasks of one kind: stack them separately$"):
+        Episode.stack([three, Episode(x, torch.zeros(15), x, torch.zeros(15))])
+
+
 def test_stack_of_regression_tasks_has_no_ways() -> None:
     x = torch.linspace(-1, 1, 4).unsqueeze(1)
     ep = Episode(x[:2], x[:2], x[2:], x[2:])
@@ -128,3 +225,19 @@ def test_to_moves_every_tensor_and_keeps_the_layout() -> None:
 def test_to_cuda_round_trip() -> None:
     batch = Episode.stack([task(), task(seed=1)])
     assert_episodes_equal(batch.to("cuda").to("cpu"), batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
+def test_pin_memory_keeps_the_episode() -> None:
+    batch = Episode.stack([task(), task(seed=1)])
+    pinned = batch.pin_memory()
+    assert all(t.is_pinned() for t in pinned.tensors())
+    assert_episodes_equal(pinned, batch)
+
+
+def test_default_collate_passes_episodes_through() -> None:
+    batch = Episode.stack([task(), task(seed=1)])
+    assert default_collate([batch]) is batch, "DataLoader(sampler) with batch_size=1 yields the sampler's batches"
+    assert_episodes_equal(default_collate([batch[:1], batch[1:]]), batch)
+    assert_episodes_equal(collate_episodes([task(), task(seed=1)]), batch)
+    assert collate_episodes([batch]) is batch
