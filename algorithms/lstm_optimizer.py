@@ -38,8 +38,11 @@ protocol in the README):
 Baselines tune their learning rate per problem family on validation problems
 (:func:`metaopt.evaluation.tuned_baselines.tune_learning_rate`).
 
-:class:`LearnedOptimizer` runs a rule, or a checkpoint of a trained run, as an ordinary
-``torch.optim`` optimizer.
+:class:`LearnedOptimizer` runs a rule, a checkpoint of a trained run, or a pretrained rule shipped
+with the package (:mod:`metaopt.algorithms.pretrained_optimizers`; ``pretrained="l2l-mnist"``), as an
+ordinary ``torch.optim`` optimizer. Each parameter group has a learning-rate multiplier ``lr``
+(default 1.0, the rule as trained) that scales the rule's update, so ``torch.optim.lr_scheduler``
+schedules work as with any optimizer.
 
 Example:
     >>> import torch
@@ -59,10 +62,16 @@ Example:
     ...     opt.step()
     >>> tuple(opt.state[model.weight]["lstm"].shape)  # [layers, (h, c), coordinates, hidden]
     (2, 2, 4, 20)
+    >>> schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # halves the update every step
+    >>> opt.step(); schedule.step(); opt.param_groups[0]["lr"]
+    0.5
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +80,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaopt.algorithms.pretrained_optimizers import read_pretrained, write_pretrained
 from metaopt.engine.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
 from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
@@ -79,9 +89,11 @@ from metaopt.estimators.truncated import TruncatedBackprop
 from metaopt.options import ConfigError, Options
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
+from metaopt.training.config import load_preset, preset_names
 from metaopt.training.experiment import load_learner
+from metaopt.training.legacy import read_run_config
 
-__all__ = ["L2LOptions", "LSTMOptimizerRule", "LearnedOptimizer", "build_l2l"]
+__all__ = ["L2LOptions", "LSTMOptimizerRule", "LearnedOptimizer", "build_l2l", "export_pretrained"]
 
 
 class LSTMOptimizerRule(UpdateRule):
@@ -107,6 +119,41 @@ class LSTMOptimizerRule(UpdateRule):
         self.lstm = CoordinateLSTM(2 if preprocessing else 1, hidden=hidden, layers=layers)
         self.output = nn.Linear(hidden, 1)
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments: ``LSTMOptimizerRule(**rule.settings())`` is a rule of the same shape."""
+        return {"preprocessing": self.preprocessing, "p": self.p, "output_scale": self.output_scale,
+                "hidden": self.lstm.hidden, "layers": len(self.lstm.cells)}
+
+    @classmethod
+    def pretrained(cls, name: str | Path) -> LSTMOptimizerRule:
+        """A pretrained rule shipped with the package (``"l2l-mnist"``), or of a file of that format, on the CPU.
+
+        Loading draws no random numbers: the global generators are left as they were.
+
+        The file's provenance (preset, iterations, best validation loss, metaopt version) is
+        :func:`metaopt.algorithms.pretrained_optimizers.read_pretrained` ``(name).provenance``.
+
+        Raises:
+            ValueError: an unknown name; the message lists the shipped ones.
+            CheckpointError: naming the file: missing, corrupt, or not of this rule.
+        """
+        found = read_pretrained(name)
+        if found.rule != cls.__name__:
+            raise CheckpointError(f"pretrained optimizer file {found.path} holds a {found.rule} rule, not an "
+                                  f"{cls.__name__}")
+        try:
+            with torch.random.fork_rng(devices=[]):  # the weights are overwritten: leave the global generator alone
+                rule = cls(**found.settings)
+        except TypeError as err:
+            raise CheckpointError(f"pretrained optimizer file {found.path} has settings {found.settings} that an "
+                                  f"{cls.__name__} does not take ({err}); it was written by another metaopt "
+                                  "release") from err
+        weights = next(iter(found.weights.values()), None)
+        if isinstance(weights, torch.Tensor) and weights.is_floating_point():
+            rule = rule.to(weights.dtype)
+        load_module_state(rule, found.weights, found.path)
+        return rule
+
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> LSTMOptimizerRule:
         """The rule of a checkpoint of a trained ``l2l`` run (``best.pt`` or ``last.pt``), on the CPU.
@@ -121,12 +168,25 @@ class LSTMOptimizerRule(UpdateRule):
             if state["rule_class"] != cls.__name__:
                 raise CheckpointError(f"checkpoint {path} holds a {state['rule_class']} rule, not an {cls.__name__}")
             hparams = {k: v for k, v in state["rule_hparams"].items() if k != "second_derivatives"}
-            rule = cls(**hparams).to(next(iter(state["rule"].values())).dtype)
+            with torch.random.fork_rng(devices=[]):  # the weights are overwritten: leave the global generator alone
+                rule = cls(**hparams).to(next(iter(state["rule"].values())).dtype)
             load_module_state(rule, state["rule"], path)
             return rule
-        rule = load_learner(path).rule
-        if not isinstance(rule, cls):
-            raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
+        if "config" not in state:  # written before checkpoints carried their config: rebuilt from config.json
+            rule = load_learner(path).rule
+            if not isinstance(rule, cls):
+                raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
+            return rule
+        algorithm = state["config"].get("algorithm", {})
+        if algorithm.get("name") != "l2l":
+            raise CheckpointError(f"checkpoint {path} is of a {algorithm.get('name', state.get('algorithm'))!r} run, "
+                                  "not of an l2l run (an LSTMOptimizerRule)")
+        options = L2LOptions.from_dict({k: v for k, v in algorithm.items() if k != "name"})
+        with torch.random.fork_rng(devices=[]):  # the weights are overwritten: leave the global generator alone
+            rule = _rule_of(options)
+        weights = {k.removeprefix("rule."): v for k, v in state["model"].items() if k.startswith("rule.")}
+        rule = rule.to(next(iter(weights.values())).dtype)
+        load_module_state(rule, weights, path)  # the rule alone: no data is read, no learner is built
         return rule
 
     def features(self, grad: torch.Tensor) -> torch.Tensor:
@@ -145,12 +205,16 @@ class LSTMOptimizerRule(UpdateRule):
         first = next(iter(params.values()))
         return self.lstm.init_state(sum(p.numel() for p in params.values()), first.dtype, first.device)
 
+    def update(self, grad: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+        """The update ``s · W h`` of every coordinate of the flat gradient ``grad``, and the new LSTM state."""
+        update, state = self.network(self.features(grad), state)
+        return self.output_scale * update, state
+
     def step(self, params: Params, grads: Params, state: LSTMState, info: StepInfo) -> tuple[Params, LSTMState]:
         """One update of all the coordinates of ``params`` as one batch (the rule reads neither step nor loss)."""
         del info
-        grad = flatten({name: grads[name] for name in params})
-        update, state = self.network(self.features(grad), state)
-        return unflatten(flatten(params) + self.output_scale * update, params), state
+        update, state = self.update(flatten({name: grads[name] for name in params}), state)
+        return unflatten(flatten(params) + update, params), state
 
     def extra_repr(self) -> str:
         return f"preprocessing={self.preprocessing}, p={self.p}, output_scale={self.output_scale}"
@@ -165,38 +229,78 @@ def _unpack(packed: torch.Tensor) -> LSTMState:
     return [(layer[0], layer[1]) for layer in packed]
 
 
+def _check_multiplier(lr: object) -> float:
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"LearnedOptimizer's lr multiplies the learned rule's update and must be a finite number "
+                         f">= 0, got {lr!r}; pass lr=1.0 (the rule as trained) or a fraction such as lr=0.5")
+    return float(lr)
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """A learned rule as a ``torch.optim`` optimizer: ``opt.zero_grad(); loss.backward(); opt.step()``.
 
     Every :meth:`step` runs the rule once on all the parameters that have a gradient, as one batch
-    of coordinates (Andrychowicz et al. 2016, §2.1), and writes the result into them in place.
-    Each parameter's slice of the LSTM state is its optimizer state ``state[p]["lstm"]``
+    of coordinates (Andrychowicz et al. 2016, §2.1), and adds its update, scaled by the parameter
+    group's ``lr``, to them in place:
+
+        θ ← θ + lr · s · W h        (lr = 1: the rule's own step)
+
+    ``lr`` is a multiplier of the rule's output, not a step size of its own; a
+    ``torch.optim.lr_scheduler`` schedule changes it like any optimizer's learning rate (it does
+    not change the rule's input, so the LSTM state follows the same gradients). Each parameter's
+    slice of the LSTM state is its optimizer state ``state[p]["lstm"]``
     (``[layers, 2, numel, hidden]``) next to its update count ``state[p]["step"]``, so
-    :meth:`state_dict` / :meth:`load_state_dict` carry it. The rule's own weights are not part of
-    the optimizer's state: they come from ``rule`` or ``checkpoint``. The rule runs without
-    autograd and is never trained here.
+    :meth:`state_dict` / :meth:`load_state_dict` carry it, with every group's ``lr``. The rule's
+    own weights are not part of the optimizer's state: they come from ``rule``, ``checkpoint`` or
+    ``pretrained``. The rule runs without autograd and is never trained here.
 
     Args:
-        params: parameters (or parameter groups) to optimize; the rule has no per-group options.
+        params: parameters (or parameter groups, which may set their own ``lr``) to optimize.
         rule: the rule to run, on the parameters' dtype and device.
         checkpoint: instead of ``rule``, a ``best.pt`` / ``last.pt`` of a trained ``l2l`` run
-            (:meth:`LSTMOptimizerRule.from_checkpoint`); its rule moves to the parameters' device.
+            (:meth:`LSTMOptimizerRule.from_checkpoint`); its rule moves to the parameters' device and dtype.
+        pretrained: instead of ``rule``, a pretrained rule shipped with the package, by name
+            (``"l2l-mnist"``; :func:`metaopt.algorithms.pretrained_optimizers.available_pretrained`),
+            or the path of such a file (:meth:`LSTMOptimizerRule.pretrained`); it moves to the
+            parameters' device and dtype.
+        lr: the default multiplier of the rule's update (a finite number >= 0; 1.0 runs the rule as trained).
 
     Raises:
-        ValueError: both or neither of ``rule`` and ``checkpoint``.
-        CheckpointError: ``checkpoint`` is missing or unusable (the message names the file).
+        ValueError: not exactly one of ``rule``, ``checkpoint`` and ``pretrained``; a bad ``lr``; an
+            unknown pretrained name (the message lists the shipped ones).
+        CheckpointError: ``checkpoint`` or the pretrained file is missing or unusable (the message names the file).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-                 rule: LSTMOptimizerRule | None = None, checkpoint: str | Path | None = None) -> None:
-        if (rule is None) == (checkpoint is None):
-            raise ValueError("LearnedOptimizer takes either rule= (an LSTMOptimizerRule) or checkpoint= (a path to a "
-                             "best.pt or last.pt of a trained l2l run), exactly one of them")
-        super().__init__(params, defaults={})
-        if checkpoint is not None:
-            device = self.param_groups[0]["params"][0].device
-            rule = LSTMOptimizerRule.from_checkpoint(checkpoint).to(device)
+                 rule: LSTMOptimizerRule | None = None, checkpoint: str | Path | None = None, *,
+                 pretrained: str | Path | None = None, lr: float = 1.0) -> None:
+        given = [name for name, value in (("rule", rule), ("checkpoint", checkpoint), ("pretrained", pretrained))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError("LearnedOptimizer takes rule= (an LSTMOptimizerRule), checkpoint= (a path to a best.pt "
+                             "or last.pt of a trained l2l run) or pretrained= (a shipped name such as 'l2l-mnist', or "
+                             f"a file of scripts/export_pretrained.py), exactly one of them; got {given or 'none'}")
+        super().__init__(params, defaults={"lr": _check_multiplier(lr)})
+        if rule is None:
+            first = self.param_groups[0]["params"][0]
+            rule = (LSTMOptimizerRule.from_checkpoint(checkpoint) if checkpoint is not None
+                    else LSTMOptimizerRule.pretrained(pretrained))
+            rule = rule.to(first.device, first.dtype) if first.is_floating_point() else rule.to(first.device)
         self.rule = rule
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of parameters; its ``lr`` (default: the optimizer's) is checked."""
+        if "lr" in param_group:
+            param_group = {**param_group, "lr": _check_multiplier(param_group["lr"])}
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; groups saved before groups had an ``lr`` get 1.0 (the rule as trained)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("lr", 1.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -205,20 +309,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
+        scaled = [(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not scaled:
             return loss
+        params = [p for p, _ in scaled]
         for p in params:
             if not self.state[p]:
                 self.state[p] = {"step": 0, "lstm": _pack(self.rule.init({"p": p}))}
         lstm = _unpack(torch.cat([self.state[p]["lstm"] for p in params], dim=2))
-        named = {str(i): p for i, p in enumerate(params)}
-        info = StepInfo(self.state[params[0]]["step"], None if loss is None else loss.detach())
-        new, lstm = self.rule.step(named, {str(i): p.grad for i, p in enumerate(params)}, lstm, info)
-        slices = _pack(lstm).split([p.numel() for p in params], dim=2)
-        for i, (p, piece) in enumerate(zip(params, slices)):
-            p.copy_(new[str(i)])
-            self.state[p]["lstm"] = piece.clone()  # its own storage: a saved state holds this parameter's rows only
+        update, lstm = self.rule.update(flatten({str(i): p.grad for i, p in enumerate(params)}), lstm)
+        numels = [p.numel() for p in params]
+        for (p, lr), piece, state in zip(scaled, update.split(numels), _pack(lstm).split(numels, dim=2)):
+            if lr == 1.0:
+                p.add_(piece.view_as(p))  # exactly the rule's own step
+            else:
+                p.add_(piece.view_as(p), alpha=lr)
+            self.state[p]["lstm"] = state.clone()  # its own storage: a saved state holds this parameter's rows only
             self.state[p]["step"] += 1
         return loss
 
@@ -257,11 +363,77 @@ class L2LOptions(Options):
             raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
 
 
+def _rule_of(options: L2LOptions) -> LSTMOptimizerRule:
+    return LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
+                             hidden=options.lstm_units, layers=options.lstm_layers)
+
+
 @register_algorithm("l2l", L2LOptions, problems="optimizees")
 def build_l2l(options: L2LOptions, context: BuildContext) -> tuple[OptimizerLearner, TruncatedBackprop]:
     """Andrychowicz et al. 2016's coordinate-wise LSTM optimizer, trained by truncated backpropagation."""
     del context
-    rule = LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
-                             hidden=options.lstm_units, layers=options.lstm_layers)
-    learner = OptimizerLearner(rule, options.horizon, first_order=not options.second_derivatives)
+    learner = OptimizerLearner(_rule_of(options), options.horizon, first_order=not options.second_derivatives)
     return learner, TruncatedBackprop(options.truncation)
+
+
+def _metaopt_version() -> str:
+    try:
+        return importlib.metadata.version("metaopt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _preset_of(config: dict[str, Any] | None, preset: str | None) -> str | None:
+    """``preset`` checked, or the one preset of the run's algorithm and dataset (``None`` if not exactly one)."""
+    names = preset_names()
+    if preset is not None:
+        if preset not in names:
+            raise ValueError(f"unknown preset {preset!r}; the presets are {', '.join(names)}")
+        return preset
+    if config is None:
+        return None
+    ours = config["algorithm"]["name"], config["data"]["name"]
+    presets = {name: load_preset(name) for name in names}
+    matches = [name for name, found in presets.items() if (found.algorithm.name, found.data.name) == ours]
+    return matches[0] if len(matches) == 1 else None
+
+
+def export_pretrained(checkpoint: str | Path, path: str | Path, preset: str | None = None) -> dict[str, Any]:
+    """Write the rule of a trained ``l2l`` run's checkpoint as a pretrained optimizer file; returns its provenance.
+
+    The file's format is :mod:`metaopt.algorithms.pretrained_optimizers`'; the rule is rebuilt from
+    the run's config, which the checkpoint carries (:func:`metaopt.training.experiment.load_learner`).
+    ``scripts/export_pretrained.py RUN_DIR NAME`` calls it.
+
+    Args:
+        checkpoint: ``best.pt`` (or ``last.pt``) of a trained ``l2l`` run.
+        path: the file to write, e.g. ``algorithms/pretrained/l2l-mnist.pt``.
+        preset: the preset the run started from (default: the one preset of the run's algorithm
+            and dataset, else ``None``).
+
+    Returns:
+        The provenance written: ``preset``, ``iterations``, ``best_val_loss`` and ``best``,
+        ``metaopt_version``, ``torch_version``, ``checkpoint``, ``config``.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, corrupt, or not of an ``l2l`` run (naming it).
+        ValueError: an unknown ``preset``.
+    """
+    checkpoint = Path(checkpoint)
+    rule = LSTMOptimizerRule.from_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
+    config = state.get("config")
+    if config is None:  # written before checkpoints carried their config
+        try:
+            config = read_run_config(checkpoint.parent / "config.json").to_dict()
+        except ConfigError:
+            config = None
+    best = state.get("best")
+    provenance = {"preset": _preset_of(config, preset),
+                  "iterations": None if state.get("iteration") is None else int(state["iteration"]),
+                  "best_val_loss": None if not best or best.get("metric", "loss") != "loss" else float(best["value"]),
+                  "best": None if best is None else dict(best),
+                  "metaopt_version": _metaopt_version(), "torch_version": str(torch.__version__),
+                  "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}", "config": config}
+    write_pretrained(path, type(rule).__name__, rule.settings(), rule.state_dict(), provenance)
+    return provenance

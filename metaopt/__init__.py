@@ -12,7 +12,7 @@ from metaopt.options import ConfigError
 from metaopt.problems.episode import Episode, EpisodeError
 from metaopt.problems.sampling import EpisodeSampler, TaskSampler
 from metaopt.training.config import RunConfig, TrainerConfig, load_preset
-from metaopt.training.experiment import load_run
+from metaopt.training.experiment import load_run, load_weights
 from metaopt.training.trainer import Interrupted, MetaTrainer
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "batchnorm_policy",
     "load_preset",
     "load_run",
+    "load_weights",
 ]

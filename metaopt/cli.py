@@ -32,7 +32,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metaopt.evaluation.compare import RunDirError, UnfinishedRunWarning, load_runs, markdown_table, plot_runs
+from metaopt.evaluation.compare import RunDirError, UnfinishedRunWarning, markdown_table, plot_runs, read_runs
 from metaopt.options import ConfigError, Options, field_help
 from metaopt.registry import Kind, entry, load_plugins, names
 from metaopt.training.checkpoint import CheckpointError
@@ -339,7 +339,7 @@ def _compare(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as left_out:
         warnings.simplefilter("always", UnfinishedRunWarning)
         try:
-            runs = load_runs(args.runs)
+            runs = read_runs(args.runs)
         finally:  # before the error that no run is left
             for warning in left_out:
                 print(f"metaopt compare: warning: {warning.message}", file=sys.stderr)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from metaopt.evaluation.compare import load_run, plot_runs
+from metaopt.evaluation.compare import plot_runs, read_run
 from metaopt.training.config import RunConfig, load_preset
 from metaopt.training.experiment import evaluate_run, train
 
@@ -104,7 +104,7 @@ def run_variant(name: str, ways: int, budget: float, root: Path) -> None:
 def report(ways: int, names: list[str], root: Path, title: str) -> str:
     """Write ``<title>.md`` (table) and ``<title>.png`` (validation curves) of the finished runs among ``names``."""
     folder = root / f"omniglot-{ways}w1s"
-    runs = [load_run(folder / name) for name in names if (folder / name / "eval.json").exists()]
+    runs = [read_run(folder / name) for name in names if (folder / name / "eval.json").exists()]
     lines = ["| variant | test accuracy (95% CI) | test steps | batch norm | iterations | CPU min | tasks / CPU s |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for run in runs:

@@ -31,7 +31,7 @@ from torch import nn
 
 from metaopt.cli import main
 from metaopt.datasets import omniglot as om
-from metaopt.evaluation.compare import load_runs, markdown_table, plot_runs
+from metaopt.evaluation.compare import markdown_table, plot_runs, read_runs
 from metaopt.models import Conv4
 from metaopt.training.config import load_preset
 from metaopt.training.experiment import build_experiment, load_run
@@ -239,7 +239,7 @@ def test_metaopt_eval_repeats_the_final_result_and_takes_other_settings(runs, pr
 
 
 def test_metaopt_compare_tabulates_both_runs(runs, tmp_path):
-    loaded = load_runs([run_dir for run_dir, _ in runs.values()])
+    loaded = read_runs([run_dir for run_dir, _ in runs.values()])
     rows = [line.strip("| ").split(" | ") for line in markdown_table(loaded).splitlines()[2:]]
     for row, run, preset in zip(rows, loaded, PRESETS):
         final = json.loads((run.path / "final.json").read_text())

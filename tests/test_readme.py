@@ -23,3 +23,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
     assert namespace["summary"]["iteration"] == 2 and (tmp_path / "runs" / "quickstart" / "last.pt").exists()
     assert type(namespace["mine"]).__name__ == "MetaLearner" and namespace["mine"].rule.lr == 0.01
     assert (tmp_path / "runs" / "l2l-quickstart" / "best.pt").exists()
+    assert namespace["fake_batch"].support_x.shape == (4, 5, 1, 28, 28)
+    assert type(namespace["trained"]).__name__ == "MAML" and not namespace["trained"].training
+    assert namespace["curve"].shape == (100, 1)
+    losses = namespace["fit_losses"]  # the shipped optimizer fits the toy regression (it once went 6.5 -> 1142)
+    assert losses[-1] < 0.01 * losses[0] and namespace["optimizer"].param_groups[0]["lr"] == 0.25

@@ -9,7 +9,7 @@ time (the wall time of the meta-updates alone, see :mod:`metaopt.training.clock`
 loss against iteration.
 
 A run without a result yet (training under way or stopped before its end) is no error for
-:func:`load_runs`, which reads a glob of run directories: it leaves such a run out with an
+:func:`read_runs`, which reads a glob of run directories: it leaves such a run out with an
 :class:`UnfinishedRunWarning` naming it and why, and fails only when no run is left.
 
 The tasks/s column is the run's tasks over its training time: tasks per meta-update x
@@ -30,7 +30,7 @@ Example:
     >>> config = load_preset("maml-sinusoid-10shot").replace(trainer={"iterations": 4, "eval_every": 2,
     ...     "eval_episodes": 4}, data={"meta_batch": 2}, model={"hidden": [8]})
     >>> with contextlib.redirect_stdout(io.StringIO()):  # the trainer's progress lines
-    ...     run = load_run(train(config, tempfile.mkdtemp())["run_dir"])
+    ...     run = read_run(train(config, tempfile.mkdtemp())["run_dir"])
     >>> run.iterations, run.evaluation_file, run.val_metrics(), run.tasks_per_update, run.tasks
     (4, 'final.json', ['val/mse'], 2, 8)
     >>> markdown_table([run]).splitlines()[2].split(" | ")[1:5]  # header, separator, then one row per run
@@ -55,7 +55,7 @@ from metaopt.training.logging import METRICS_FILE, read_metrics
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RESULT_FILES", "Run", "RunDirError", "UnfinishedRunError", "UnfinishedRunWarning", "load_run", "load_runs",
+__all__ = ["RESULT_FILES", "Run", "RunDirError", "UnfinishedRunError", "UnfinishedRunWarning", "read_run", "read_runs",
            "markdown_table", "plot_runs", "tasks_per_update"]
 
 RESULT_FILES = ("final.json", "eval.json")  # where a run's result is read from: the newer of the two
@@ -73,12 +73,12 @@ class UnfinishedRunError(RunDirError):
 
 
 class UnfinishedRunWarning(UserWarning):
-    """:func:`load_runs` left out a run without a result; the message names the run and how to finish it."""
+    """:func:`read_runs` left out a run without a result; the message names the run and how to finish it."""
 
 
 @dataclass(frozen=True)
 class Run:
-    """What a comparison reads from one run directory (:func:`load_run`).
+    """What a comparison reads from one run directory (:func:`read_run`).
 
     Args:
         path: the run directory; its name is the run's name.
@@ -181,7 +181,7 @@ def _require(mapping: Mapping[str, Any], keys: Sequence[str], file: str, run: Pa
                           "`metaopt train` (metaopt.training.experiment.train) with this metaopt version")
 
 
-def load_run(run_dir: str | Path) -> Run:
+def read_run(run_dir: str | Path) -> Run:
     """Read ``config.json``, the run's result and ``metrics.jsonl`` of a run directory.
 
     The result is the newer of ``final.json`` (written at the end of training) and ``eval.json``
@@ -227,8 +227,8 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path, config, evaluation, evaluation_file, records)
 
 
-def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
-    """:func:`load_run` of each directory, leaving out the runs without a result yet (e.g. a glob over ``runs/``).
+def read_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
+    """:func:`read_run` of each directory, leaving out the runs without a result yet (e.g. a glob over ``runs/``).
 
     Warns:
         UnfinishedRunWarning: once per run left out, naming it and why.
@@ -243,7 +243,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
     runs = []
     for path in paths:
         try:
-            runs.append(load_run(path))
+            runs.append(read_run(path))
         except UnfinishedRunError as err:
             warnings.warn(f"{err}; left out of the comparison", UnfinishedRunWarning, stacklevel=2)
     if not runs:

@@ -43,7 +43,7 @@ from metaopt.training.logging import note
 from metaopt.training.trainer import MetaTrainer
 
 __all__ = ["SPLITS", "Experiment", "RunCompleteError", "build_experiment", "default_run_dir", "evaluate_run",
-           "intra_op_threads", "load_learner", "load_run", "resolve_device", "train"]
+           "intra_op_threads", "load_learner", "load_run", "load_weights", "resolve_device", "train"]
 
 SPLITS = ("train", "val", "test")
 
@@ -117,19 +117,31 @@ def _seed_global_generators(seed: int) -> None:
     random.seed(seed)
 
 
-def _load_weights(experiment: Experiment, path: Path) -> dict[str, Any]:
-    state = convert_state(load_checkpoint(path, required=("algorithm", "model", "iteration")), experiment.learner)
-    ours = type(experiment.learner).__name__
+def load_weights(learner: Learner, path: str | Path) -> dict[str, Any]:
+    """Load the weights of a checkpoint (``best.pt`` or ``last.pt``) into ``learner``; returns the checkpoint.
+
+    For a run trained from Python objects (a :class:`metaopt.training.trainer.MetaTrainer` given
+    a learner and a :class:`TrainerConfig`): build the learner as the script did, then load its
+    weights here. Runs of ``metaopt train`` (or :func:`train`) rebuild themselves:
+    :func:`load_run`.
+
+    Raises:
+        CheckpointError: the checkpoint is missing or corrupt, holds another algorithm, or its
+            weights do not fit ``learner`` (the message names the file and the tensors).
+    """
+    path = Path(path)
+    state = convert_state(load_checkpoint(path, required=("algorithm", "model", "iteration")), learner)
+    ours = type(learner).__name__
     if state["algorithm"] != ours:
-        raise CheckpointError(f"checkpoint {path} holds a {state['algorithm']} learner, but the run's config builds "
-                              f"{ours}; evaluate it with the config of its run")
-    load_module_state(experiment.learner, state["model"], path)
+        raise CheckpointError(f"checkpoint {path} holds a {state['algorithm']} learner, not a {ours}; load it into "
+                              f"a {state['algorithm']} built as its run built it")
+    load_module_state(learner, state["model"], path)
     return state
 
 
 def _evaluate_checkpoint(experiment: Experiment, path: Path, split: str, episodes: int | None,
                          steps: int | None) -> tuple[EvalResult, dict[str, Any]]:
-    state = _load_weights(experiment, path)
+    state = load_weights(experiment.learner, path)
     trainer = experiment.config.trainer
     count = episodes or (trainer.test_episodes if split == "test" else None) or trainer.eval_episodes
     result = evaluate(experiment.learner, experiment.problems(split), count, steps=steps, device=experiment.device)
@@ -259,6 +271,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: torch.device
         learner = metaopt.load_run("runs/omniglot-5w1s", checkpoint="best")
         predict = learner.adapt_to(support_x, support_y)     # no query labels needed
         labels = predict(query_x).argmax(-1)
+
+    Raises:
+        ConfigError: the run was trained from Python objects (a ``MetaTrainer`` given a
+            ``TrainerConfig``), so nothing records how to build its learner: build it as the
+            script did and call :func:`load_weights`.
+        CheckpointError: the checkpoint is missing or corrupt (the message names the file).
     """
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
@@ -273,7 +291,13 @@ def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learne
     """
     path = Path(path)
     state = load_checkpoint(path, required=("algorithm", "model"))
-    config = RunConfig.from_dict(state["config"]) if "config" in state else read_run_config(path.parent / "config.json")
+    recorded = state.get("config")
+    if isinstance(recorded, dict) and "algorithm" not in recorded:  # a MetaTrainer given a TrainerConfig
+        raise ConfigError(f"{path} is of a run trained from Python objects: its config holds the trainer's settings "
+                          f"only, not the algorithm, data and model that would rebuild its {state['algorithm']}; "
+                          "build the learner as the script did and load the weights into it with "
+                          f"metaopt.load_weights(learner, {str(path)!r})")
+    config = RunConfig.from_dict(recorded) if recorded is not None else read_run_config(path.parent / "config.json")
     experiment = build_experiment(config.replace(device=str(device)))
-    _load_weights(experiment, path)
+    load_weights(experiment.learner, path)
     return experiment.learner

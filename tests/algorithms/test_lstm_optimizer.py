@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -252,8 +253,19 @@ def test_missing_corrupt_or_foreign_checkpoints_are_named(tmp_path) -> None:
         "iterations": 1, "eval_every": 100, "checkpoint_every": 100, "log_every": 1})
     experiment = build_experiment(config)  # a run of another algorithm, in today's format
     MetaTrainer(experiment.learner, experiment.problems("train"), config, run_dir=tmp_path / "maml").fit()
-    with pytest.raises(CheckpointError, match="holds a _SGD rule, not an LSTMOptimizerRule"):
+    with pytest.raises(CheckpointError, match="is of a 'maml' run, not of an l2l run"):
         LearnedOptimizer(params, checkpoint=tmp_path / "maml" / "last.pt")
+
+
+def test_a_rule_loads_from_its_checkpoint_without_the_training_data(tmp_path) -> None:
+    """Only the rule is rebuilt: a run on MNIST loads where no MNIST files are (no learner, no data read)."""
+    rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1, hidden=6)
+    config = load_preset("l2l-mnist").replace(algorithm={"lstm_units": 6}, data={"data_root": str(tmp_path / "none")})
+    save_checkpoint(tmp_path / "best.pt", {"algorithm": "OptimizerLearner", "iteration": 3, "config": config.to_dict(),
+                                           "model": {f"rule.{k}": v for k, v in rule.state_dict().items()}})
+    loaded = LSTMOptimizerRule.from_checkpoint(tmp_path / "best.pt")
+    assert hparams(loaded) == hparams(rule) == (True, 10.0, 0.1, 6, 2)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), rule.state_dict().values()))
 
 
 L2L_OPTIONS = ("preprocessing", "p", "output_scale", "lstm_units", "lstm_layers", "second_derivatives", "horizon",
@@ -285,3 +297,101 @@ def test_registered_options_build_l2l_and_refuse_others() -> None:
         with pytest.raises(ConfigError, match=rf"^'{option}'( \(did you mean '\w+'\?\))? is not an option of "
                                               rf"algorithm 'l2l'; its options are {listed}$"):
             Section.from_dict("algorithm", {"name": "l2l", option: 1})
+
+
+def feed(opt: torch.optim.Optimizer, params: list[torch.Tensor], gradients: list[torch.Tensor],
+         schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """One step on given gradients (so that runs with different multipliers see the same LSTM inputs)."""
+    for p, g in zip(params, gradients):
+        p.grad = g.clone()
+    opt.step()
+    if schedule is not None:
+        schedule.step()
+
+
+def test_step_lr_scales_the_rules_update_exactly() -> None:
+    """θ ← θ + lr · s · W h: StepLR halves lr every step, and with it the update, bit for bit."""
+    torch.manual_seed(0)
+    rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
+    gradients = [[torch.randn(3, 2), torch.randn(3)] for _ in range(4)]
+    params = [torch.randn(3, 2), torch.randn(3)]
+    opt = LearnedOptimizer(params, rule=rule)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    expected, state = [p.clone() for p in params], rule.init({"w": params[0], "b": params[1]})
+    for t, grads in enumerate(gradients):
+        lr = opt.param_groups[0]["lr"]
+        assert lr == 0.5 ** t
+        with torch.no_grad():
+            update, state = rule.update(torch.cat([g.reshape(-1) for g in grads]), state)
+        expected = [e + lr * u.view_as(e) for e, u in zip(expected, update.split([6, 3]))]
+        feed(opt, params, grads, schedule)
+        for p, e in zip(params, expected):
+            assert torch.equal(p, e)
+    full, halved = [torch.zeros(4)], [torch.zeros(4)]  # from zero, a parameter is its update
+    feed(LearnedOptimizer(full, rule=rule), full, [torch.randn(4)])
+    feed(LearnedOptimizer(halved, rule=rule, lr=0.5), halved, [full[0].grad])
+    assert torch.equal(halved[0], 0.5 * full[0]) and full[0].abs().min() > 0
+
+
+def test_lr_one_is_the_rules_own_step_and_groups_have_their_own_lr() -> None:
+    problem, rule = quadratic(), LSTMOptimizerRule(output_scale=0.1)
+    assert torch.equal(plain_loop(lambda ps: LearnedOptimizer(ps, rule=rule, lr=1.0), problem, 5),
+                       plain_loop(lambda ps: LearnedOptimizer(ps, rule=rule), problem, 5))
+    moving, frozen = torch.zeros(3), torch.ones(2)
+    opt = LearnedOptimizer([{"params": [moving]}, {"params": [frozen], "lr": 0.0}], rule=rule, lr=2.0)
+    assert [group["lr"] for group in opt.param_groups] == [2.0, 0.0]
+    grads = [torch.randn(3), torch.randn(2)]
+    feed(opt, [moving, frozen], grads)
+    alone = torch.zeros(3)  # the LSTM runs on both parameters' coordinates as one batch; each row is its own
+    feed(LearnedOptimizer([alone], rule=rule), [alone], grads[:1])
+    assert torch.equal(moving, 2.0 * alone) and torch.equal(frozen, torch.ones(2))
+    assert opt.state[frozen]["step"] == 1 and opt.state[frozen]["lstm"].abs().sum() > 0  # its state still advances
+
+
+def test_a_scheduled_run_resumes_from_its_state_dicts_and_old_state_dicts_get_lr_one() -> None:
+    torch.manual_seed(2)
+    rule, gradients = LSTMOptimizerRule(preprocessing=True, output_scale=0.1), torch.randn(6, 5)
+
+    def start(params: list[torch.Tensor]) -> tuple[LearnedOptimizer, torch.optim.lr_scheduler.StepLR]:
+        opt = LearnedOptimizer(params, rule=rule)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+
+    theta = [torch.zeros(5)]
+    opt, schedule = start(theta)
+    for g in gradients[:3]:
+        feed(opt, theta, [g], schedule)
+    saved = copy.deepcopy({"theta": theta[0], "opt": opt.state_dict(), "schedule": schedule.state_dict()})
+    for g in gradients[3:]:
+        feed(opt, theta, [g], schedule)
+    resumed = [saved["theta"].clone()]
+    opt2, schedule2 = start(resumed)
+    opt2.load_state_dict(saved["opt"])
+    schedule2.load_state_dict(saved["schedule"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+    for g in gradients[3:]:
+        feed(opt2, resumed, [g], schedule2)
+    assert torch.equal(resumed[0], theta[0])
+
+    old = copy.deepcopy(saved["opt"])  # written before groups had an lr
+    for group in old["param_groups"]:
+        del group["lr"]
+    opt3 = LearnedOptimizer([saved["theta"].clone()], rule=rule, lr=0.5)
+    opt3.load_state_dict(old)
+    assert opt3.param_groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "0.5", True])
+def test_a_bad_lr_multiplier_is_named(lr: object) -> None:
+    message = (f"LearnedOptimizer's lr multiplies the learned rule's update and must be a finite number >= 0, got "
+               f"{lr!r}; pass lr=1.0 (the rule as trained) or a fraction such as lr=0.5")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        LearnedOptimizer([torch.zeros(2)], rule=LSTMOptimizerRule(), lr=lr)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LearnedOptimizer([{"params": [torch.zeros(2)], "lr": lr}], rule=LSTMOptimizerRule())
+
+
+def test_rule_checkpoint_and_pretrained_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match=re.escape("exactly one of them; got ['rule', 'pretrained']")):
+        LearnedOptimizer([torch.zeros(2)], rule=LSTMOptimizerRule(), pretrained="l2l-mnist")
+    with pytest.raises(ValueError, match=re.escape("exactly one of them; got none")):
+        LearnedOptimizer([torch.zeros(2)])

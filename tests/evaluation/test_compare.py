@@ -18,10 +18,10 @@ from metaopt.evaluation.compare import (
     RunDirError,
     UnfinishedRunError,
     UnfinishedRunWarning,
-    load_run,
-    load_runs,
     markdown_table,
     plot_runs,
+    read_run,
+    read_runs,
     tasks_per_update,
 )
 from metaopt.training.config import RunConfig, load_preset
@@ -50,7 +50,7 @@ def _rows(table: str) -> list[list[str]]:
 
 
 def test_table_has_one_row_per_run_with_config_result_time_and_throughput(runs):
-    header, separator, *rows = _rows(markdown_table([load_run(run) for run in runs]))
+    header, separator, *rows = _rows(markdown_table([read_run(run) for run in runs]))
     assert header == ["run", "algorithm", "dataset", "ways", "shots", "result (95% CI; protocol)", "evaluated",
                       "train time", "tasks/s", "iterations"]
     assert separator == ["---"] * 3 + ["---:"] * 2 + ["---"] * 2 + ["---:"] * 3  # numbers right-aligned
@@ -66,11 +66,11 @@ def test_table_has_one_row_per_run_with_config_result_time_and_throughput(runs):
                        f"0:00:{train_s:04.1f}", f"{4 * 6 / train_s:.0f}", "6"]  # meta_batch 4 x 6 meta-updates
         assert f"shots={shots}, query=10, inner_steps=1, episodes=20" in row[5] and "mse" in row[5]
     assert rows[0][0].startswith("maml-sinusoid-5shot-") and rows[1][0].startswith("fomaml-sinusoid-10shot-")
-    assert isinstance(load_run(runs[1]).config, RunConfig) and load_run(runs[1]).config.algorithm.options.first_order
+    assert isinstance(read_run(runs[1]).config, RunConfig) and read_run(runs[1]).config.algorithm.options.first_order
 
 
 def test_chart_is_a_png_of_every_run_curves(runs, tmp_path):
-    loaded = [load_run(run) for run in runs]
+    loaded = [read_run(run) for run in runs]
     out = tmp_path / "charts" / "compare.png"
     figure = plot_runs(loaded, out)
     data = out.read_bytes()
@@ -88,7 +88,7 @@ def test_chart_is_a_png_of_every_run_curves(runs, tmp_path):
 
 
 def test_the_time_axis_can_be_cpu_time(runs, tmp_path):
-    loaded = [load_run(run) for run in runs]
+    loaded = [read_run(run) for run in runs]
     _, by_time, _ = plot_runs(loaded, tmp_path / "cpu.png", clock="cpu").axes
     assert by_time.get_xlabel() == "training CPU time (min)"
     for i, run in enumerate(loaded):
@@ -102,7 +102,7 @@ def test_cli_prints_the_table_and_writes_the_chart(runs, tmp_path, capsys):
     out = tmp_path / "compare.png"
     assert main(["compare", *map(str, runs), "--out", str(out), "--metric", "val/mse"]) == 0
     printed = capsys.readouterr().out
-    assert printed == markdown_table([load_run(run) for run in runs]) + f"\nchart written to {out}\n"
+    assert printed == markdown_table([read_run(run) for run in runs]) + f"\nchart written to {out}\n"
     assert out.read_bytes()[:8] == PNG_SIGNATURE
 
 
@@ -110,7 +110,7 @@ def test_the_result_falls_back_to_eval_json(runs, tmp_path):
     run = Path(shutil.copytree(runs[0], tmp_path / runs[0].name))
     (run / "final.json").unlink()
     assert main(["eval", "--run", str(run), "--checkpoint", "last", "--split", "val", "--episodes", "10"]) == 0
-    loaded = load_run(run)
+    loaded = read_run(run)
     assert loaded.evaluation_file == "eval.json"
     row = _rows(markdown_table([loaded]))[2]
     assert row[5] == json.loads((run / "eval.json").read_text())["summary"] and "episodes=10" in row[5]
@@ -119,12 +119,12 @@ def test_the_result_falls_back_to_eval_json(runs, tmp_path):
 
 def test_a_later_evaluation_replaces_the_final_result(runs, tmp_path):
     run = Path(shutil.copytree(runs[0], tmp_path / runs[0].name))
-    assert load_run(run).evaluation_file == "final.json"
+    assert read_run(run).evaluation_file == "final.json"
     assert main(["eval", "--run", str(run), "--episodes", "12"]) == 0
-    loaded = load_run(run)
+    loaded = read_run(run)
     assert loaded.evaluation_file == "eval.json" and "episodes=12" in loaded.evaluation["summary"]
     os.utime(run / "eval.json", ns=(1, 1))  # an evaluation older than the final result loses
-    assert load_run(run).evaluation_file == "final.json"
+    assert read_run(run).evaluation_file == "final.json"
 
 
 @pytest.mark.parametrize(("removed", "message"), [
@@ -137,7 +137,7 @@ def test_a_missing_file_names_the_run_and_the_file(runs, tmp_path, capsys, remov
     for name in removed:
         (run / name).unlink()
     with pytest.raises(RunDirError, match=f"^run {run}: {message}") as raised:
-        load_run(run)
+        read_run(run)
     unfinished = removed == ["final.json"]
     assert isinstance(raised.value, UnfinishedRunError) == unfinished
     if unfinished:  # no error for `metaopt compare` when another run is left: see the tests of unfinished runs
@@ -152,33 +152,33 @@ def test_incomplete_files_name_the_run_the_file_and_the_entry(runs, tmp_path):
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "algorithm"}))
     with pytest.raises(RunDirError, match=f"^run {run}: .*config.json: the config has no 'algorithm' section"):
-        load_run(run)
+        read_run(run)
     (run / "config.json").write_text(json.dumps({**config, "algorithm": {**config["algorithm"], "inner_lrr": 1}}))
     with pytest.raises(RunDirError, match=f"^run {run}: .*config.json: 'inner_lrr' .*is not an option of algorithm"):
-        load_run(run)
+        read_run(run)
     (run / "config.json").write_text("{not json")
     with pytest.raises(RunDirError, match=f"^run {run}: cannot read config file .*config.json"):
-        load_run(run)
+        read_run(run)
     (run / "config.json").write_text(json.dumps(config))
     (run / "final.json").write_text("[1]")
     with pytest.raises(RunDirError, match=f"^run {run}: final.json must hold a JSON object, got list"):
-        load_run(run)
+        read_run(run)
     (run / "final.json").write_text('{"summary": "mse 1"}')
     with pytest.raises(RunDirError, match=f"^run {run}: final.json lacks \\['split', 'checkpoint', "
                                           "'checkpoint_iteration'\\]"):
-        load_run(run)
+        read_run(run)
     (run / "final.json").write_text("{torn")
     with pytest.raises(RunDirError, match=f"^run {run}: final.json is not valid JSON"):
-        load_run(run)
+        read_run(run)
     assert RESULT_FILES == ("final.json", "eval.json")
     with pytest.raises(RunDirError, match="run .*elsewhere: no such directory"):
-        load_run(tmp_path / "elsewhere")
+        read_run(tmp_path / "elsewhere")
 
 
 def test_a_metric_that_a_run_did_not_log_is_refused(runs, tmp_path):
     out = tmp_path / "compare.png"
     with pytest.raises(RunDirError, match="holds no 'val/accuracy' \\(its validation figures: \\['val/mse'\\]\\)"):
-        plot_runs([load_run(run) for run in runs], out, metric="val/accuracy")
+        plot_runs([read_run(run) for run in runs], out, metric="val/accuracy")
     assert not out.exists()
 
 
@@ -195,7 +195,7 @@ def test_the_tasks_per_meta_update_are_read_off_the_log(runs):
         for start, end in zip(starts, windows):  # what the trainer logs: the tasks of the window over its time
             seconds = end["time/train_s"] - start["time/train_s"]
             assert end["time/tasks_per_s"] * seconds / (end["iteration"] - start["iteration"]) == pytest.approx(4)
-        run = load_run(path)
+        run = read_run(path)
         train_s = json.loads((path / "final.json").read_text())["train"]["time"]["train_s"]
         assert (run.tasks_per_update, run.tasks, run.iterations) == (4, 24, 6)  # meta_batch 4
         assert run.train_s == train_s and run.tasks_per_s == 24 / train_s
@@ -219,7 +219,7 @@ def test_a_slow_first_window_weighs_by_its_time_not_as_one_rate_of_several(runs,
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     records = _records((50, 25.0, 2.0), (100, 26.0, 50.0), (101, 26.02, None), (102, 26.04, 50.0))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    loaded = load_run(run)
+    loaded = read_run(run)
     assert (loaded.tasks_per_update, loaded.tasks, loaded.train_s) == (1, 102, 26.04)
     assert loaded.tasks_per_s == 102 / 26.04
     row = _rows(markdown_table([loaded]))[2]
@@ -248,7 +248,7 @@ def test_a_log_without_throughput_is_refused_when_read(runs, tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(RunDirError, match=f"^run {re.escape(str(run))}: the records of metrics.jsonl give no tasks "
                                           "per meta-update"):
-        load_run(run)
+        read_run(run)
 
 
 # ---- unfinished runs: left out with a warning ------------------------------------------------------
@@ -278,29 +278,29 @@ def test_unfinished_runs_are_left_out_with_a_warning_naming_each(runs, tmp_path)
     stopped, started = _unfinished(runs[0], tmp_path, "stopped"), _unfinished(runs[0], tmp_path, "started", True)
     assert sorted(p.name for p in started.iterdir()) == ["config.json"]
     with pytest.warns(UnfinishedRunWarning) as caught:
-        loaded = load_runs([runs[0], stopped, runs[1], started])
+        loaded = read_runs([runs[0], stopped, runs[1], started])
     assert [run.path for run in loaded] == runs
     assert [str(w.message) for w in caught] == [_left_out(stopped), _left_out(started)]
-    assert all(w.filename == __file__ for w in caught), "the warning points at the caller of load_runs"
-    assert [run.path for run in load_runs(iter(runs))] == runs  # nothing left out: no warning (filterwarnings=error)
+    assert all(w.filename == __file__ for w in caught), "the warning points at the caller of read_runs"
+    assert [run.path for run in read_runs(iter(runs))] == runs  # nothing left out: no warning (filterwarnings=error)
 
 
 def test_no_run_left_is_an_error(runs, tmp_path):
     unfinished = [_unfinished(runs[0], tmp_path, "a"), _unfinished(runs[1], tmp_path, "b", True)]
     with pytest.raises(RunDirError, match=f"^{re.escape(NO_RUN_LEFT)}$"), pytest.warns(UnfinishedRunWarning) as caught:
-        load_runs(unfinished)
+        read_runs(unfinished)
     assert [str(w.message) for w in caught] == [_left_out(run) for run in unfinished]
     with pytest.raises(ValueError, match="^no runs to compare; pass at least one run directory$"):
-        load_runs([])
+        read_runs([])
 
 
 def test_a_damaged_run_is_still_an_error_beside_finished_ones(runs, tmp_path):
     damaged = Path(shutil.copytree(runs[0], tmp_path / "damaged"))
     (damaged / "metrics.jsonl").unlink()
     with pytest.raises(RunDirError, match=f"^run {re.escape(str(damaged))}: metrics.jsonl is missing"):
-        load_runs([runs[1], damaged])
+        read_runs([runs[1], damaged])
     with pytest.raises(RunDirError, match=f"^run {re.escape(str(tmp_path / 'absent'))}: no such directory"):
-        load_runs([runs[1], tmp_path / "absent"])
+        read_runs([runs[1], tmp_path / "absent"])
 
 
 def test_cli_leaves_out_unfinished_runs_and_fails_when_none_is_left(runs, tmp_path, capsys):
@@ -308,7 +308,7 @@ def test_cli_leaves_out_unfinished_runs_and_fails_when_none_is_left(runs, tmp_pa
     out = tmp_path / "compare.png"
     assert main(["compare", str(runs[0]), str(stopped), str(runs[1]), "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    assert printed.out == markdown_table([load_run(run) for run in runs]) + f"\nchart written to {out}\n"
+    assert printed.out == markdown_table([read_run(run) for run in runs]) + f"\nchart written to {out}\n"
     assert printed.err == f"metaopt compare: warning: {_left_out(stopped)}\n"
     assert out.read_bytes()[:8] == PNG_SIGNATURE
 

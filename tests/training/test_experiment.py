@@ -9,23 +9,30 @@ import json
 import pytest
 import torch
 
+from metaopt.algorithms import MAML, MetaSGD
+from metaopt.datasets import Sinusoid
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators import Backprop, TruncatedBackprop
 from metaopt.evaluation import evaluate
+from metaopt.models import MLP
+from metaopt.options import ConfigError
 from metaopt.problems.optimizees import TEST_SEED, VAL_SEED
 from metaopt.problems.sampling import split_seed
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metaopt.training.config import load_preset
+from metaopt.training.config import TrainerConfig, load_preset
 from metaopt.training.experiment import (
     SPLITS,
     build_experiment,
     default_run_dir,
     evaluate_run,
     load_learner,
+    load_run,
+    load_weights,
     resolve_device,
     train,
 )
 from metaopt.training.logging import read_metrics
+from metaopt.training.trainer import MetaTrainer
 
 
 def sinusoid(**trainer):
@@ -151,8 +158,39 @@ def test_load_learner_rebuilds_the_learner_of_a_checkpoint(sinusoid_run, tmp_pat
     old = load_learner(tmp_path / "old.pt")
     assert all(torch.equal(a, b) for a, b in zip(old.parameters(), learner.parameters()))
     save_checkpoint(tmp_path / "other.pt", {**state, "algorithm": "MetaSGD"})
-    with pytest.raises(CheckpointError, match="holds a MetaSGD learner, but the run's config builds MAML"):
+    with pytest.raises(CheckpointError, match="holds a MetaSGD learner, not a MAML; load it into a MetaSGD"):
         load_learner(tmp_path / "other.pt")
+
+
+def test_load_run_gives_the_trained_learner_in_evaluation_mode_ready_to_adapt(sinusoid_run):
+    run_dir, _ = sinusoid_run
+    learner = load_run(run_dir, checkpoint="last")
+    assert not learner.training and not learner.model.training
+    assert all(torch.equal(a, b) for a, b in zip(learner.parameters(), load_learner(run_dir / "last.pt").parameters()))
+    episode = build_experiment(sinusoid()).problems("test").batch(0)[0]
+    x = torch.linspace(-5, 5, 7).unsqueeze(1)
+    by_support = learner.adapt_to(episode.support_x, episode.support_y, steps=2)(x)
+    assert torch.equal(by_support, learner.adapt(episode, steps=2)(x))  # the query set is never read
+    assert not torch.equal(by_support, learner.model(x))  # adapted: not the meta-learned initialisation
+    with pytest.raises(ValueError, match="checkpoint must be 'best' or 'last'"):
+        load_run(run_dir, checkpoint="final")
+
+
+def test_a_run_trained_from_python_objects_loads_into_a_learner_built_again(tmp_path):
+    def learner() -> MAML:
+        torch.manual_seed(3)
+        return MAML(MLP(1, 1, hidden=(8,)), inner_lr=0.01)
+
+    trained = learner()
+    MetaTrainer(trained, Sinusoid(batch_size=2, seed=0), TrainerConfig(iterations=2), run_dir=tmp_path).fit()
+    with pytest.raises(ConfigError, match=r"trained from Python objects.*metaopt.load_weights\(learner, "):
+        load_run(tmp_path, checkpoint="last")
+    again = learner()
+    assert not all(torch.equal(a, b) for a, b in zip(again.parameters(), trained.parameters()))
+    assert load_weights(again, tmp_path / "last.pt")["iteration"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), trained.parameters()))
+    with pytest.raises(CheckpointError, match="holds a MAML learner, not a MetaSGD"):
+        load_weights(MetaSGD(MLP(1, 1, hidden=(8,))), tmp_path / "last.pt")
 
 
 @pytest.mark.parametrize("device", DEVICES)
