@@ -70,9 +70,7 @@ Example:
 from __future__ import annotations
 
 import importlib.metadata
-import math
-import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +82,14 @@ from metaopt.algorithms.pretrained_optimizers import read_pretrained, write_pret
 from metaopt.engine.coordinatewise import CoordinateLSTM, LSTMState, flatten, preprocess, unflatten
 from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
 from metaopt.engine.rules import StepInfo, UpdateRule
 from metaopt.estimators.truncated import TruncatedBackprop
 from metaopt.options import ConfigError, Options
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
 from metaopt.training.config import load_preset, preset_names
-from metaopt.training.experiment import load_learner
+from metaopt.training.experiment import load_rule
 from metaopt.training.legacy import read_run_config
 
 __all__ = ["L2LOptions", "LSTMOptimizerRule", "LearnedOptimizer", "build_l2l", "export_pretrained"]
@@ -172,21 +171,9 @@ class LSTMOptimizerRule(UpdateRule):
                 rule = cls(**hparams).to(next(iter(state["rule"].values())).dtype)
             load_module_state(rule, state["rule"], path)
             return rule
-        if "config" not in state:  # written before checkpoints carried their config: rebuilt from config.json
-            rule = load_learner(path).rule
-            if not isinstance(rule, cls):
-                raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
-            return rule
-        algorithm = state["config"].get("algorithm", {})
-        if algorithm.get("name") != "l2l":
-            raise CheckpointError(f"checkpoint {path} is of a {algorithm.get('name', state.get('algorithm'))!r} run, "
-                                  "not of an l2l run (an LSTMOptimizerRule)")
-        options = L2LOptions.from_dict({k: v for k, v in algorithm.items() if k != "name"})
-        with torch.random.fork_rng(devices=[]):  # the weights are overwritten: leave the global generator alone
-            rule = _rule_of(options)
-        weights = {k.removeprefix("rule."): v for k, v in state["model"].items() if k.startswith("rule.")}
-        rule = rule.to(next(iter(weights.values())).dtype)
-        load_module_state(rule, weights, path)  # the rule alone: no data is read, no learner is built
+        rule = load_rule(path)
+        if not isinstance(rule, cls):
+            raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
         return rule
 
     def features(self, grad: torch.Tensor) -> torch.Tensor:
@@ -229,16 +216,7 @@ def _unpack(packed: torch.Tensor) -> LSTMState:
     return [(layer[0], layer[1]) for layer in packed]
 
 
-def _check_multiplier(lr: object) -> float:
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = lr.item()
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"LearnedOptimizer's lr multiplies the learned rule's update and must be a finite number "
-                         f">= 0, got {lr!r}; pass lr=1.0 (the rule as trained) or a fraction such as lr=0.5")
-    return float(lr)
-
-
-class LearnedOptimizer(torch.optim.Optimizer):
+class LearnedOptimizer(RuleOptimizer):
     """A learned rule as a ``torch.optim`` optimizer: ``opt.zero_grad(); loss.backward(); opt.step()``.
 
     Every :meth:`step` runs the rule once on all the parameters that have a gradient, as one batch
@@ -276,42 +254,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  rule: LSTMOptimizerRule | None = None, checkpoint: str | Path | None = None, *,
                  pretrained: str | Path | None = None, lr: float = 1.0) -> None:
-        given = [name for name, value in (("rule", rule), ("checkpoint", checkpoint), ("pretrained", pretrained))
-                 if value is not None]
-        if len(given) != 1:
-            raise ValueError("LearnedOptimizer takes rule= (an LSTMOptimizerRule), checkpoint= (a path to a best.pt "
-                             "or last.pt of a trained l2l run) or pretrained= (a shipped name such as 'l2l-mnist', or "
-                             f"a file of scripts/export_pretrained.py), exactly one of them; got {given or 'none'}")
-        super().__init__(params, defaults={"lr": _check_multiplier(lr)})
-        if rule is None:
-            first = self.param_groups[0]["params"][0]
-            rule = (LSTMOptimizerRule.from_checkpoint(checkpoint) if checkpoint is not None
-                    else LSTMOptimizerRule.pretrained(pretrained))
-            rule = rule.to(first.device, first.dtype) if first.is_floating_point() else rule.to(first.device)
-        self.rule = rule
+        source = one_source("LearnedOptimizer", {"rule": rule, "checkpoint": checkpoint, "pretrained": pretrained},
+                            "rule= (an LSTMOptimizerRule), checkpoint= (a path to a best.pt or last.pt of a trained "
+                            "l2l run) or pretrained= (a shipped name such as 'l2l-mnist', or a file of "
+                            "scripts/export_pretrained.py)")
+        super().__init__(params, rule, lr)
+        if source == "checkpoint":
+            self.rule = self.placed(LSTMOptimizerRule.from_checkpoint(checkpoint))
+        elif source == "pretrained":
+            self.rule = self.placed(LSTMOptimizerRule.pretrained(pretrained))
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group of parameters; its ``lr`` (default: the optimizer's) is checked."""
-        if "lr" in param_group:
-            param_group = {**param_group, "lr": _check_multiplier(param_group["lr"])}
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; groups saved before groups had an ``lr`` get 1.0 (the rule as trained)."""
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("lr", 1.0)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Update every parameter that has a gradient; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        scaled = [(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not scaled:
-            return loss
+    def apply(self, scaled: list[tuple[torch.Tensor, float]]) -> None:
+        """One run of the rule on all the coordinates of ``scaled`` as one batch; each update scaled by its ``lr``."""
         params = [p for p, _ in scaled]
         for p in params:
             if not self.state[p]:
@@ -320,13 +274,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         update, lstm = self.rule.update(flatten({str(i): p.grad for i, p in enumerate(params)}), lstm)
         numels = [p.numel() for p in params]
         for (p, lr), piece, state in zip(scaled, update.split(numels), _pack(lstm).split(numels, dim=2)):
-            if lr == 1.0:
-                p.add_(piece.view_as(p))  # exactly the rule's own step
-            else:
-                p.add_(piece.view_as(p), alpha=lr)
+            add_update(p, piece, lr)
             self.state[p]["lstm"] = state.clone()  # its own storage: a saved state holds this parameter's rows only
             self.state[p]["step"] += 1
-        return loss
 
 
 @dataclass(frozen=True)
@@ -363,16 +313,13 @@ class L2LOptions(Options):
             raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
 
 
-def _rule_of(options: L2LOptions) -> LSTMOptimizerRule:
-    return LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
-                             hidden=options.lstm_units, layers=options.lstm_layers)
-
-
 @register_algorithm("l2l", L2LOptions, problems="optimizees")
 def build_l2l(options: L2LOptions, context: BuildContext) -> tuple[OptimizerLearner, TruncatedBackprop]:
     """Andrychowicz et al. 2016's coordinate-wise LSTM optimizer, trained by truncated backpropagation."""
     del context
-    learner = OptimizerLearner(_rule_of(options), options.horizon, first_order=not options.second_derivatives)
+    rule = LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
+                             hidden=options.lstm_units, layers=options.lstm_layers)
+    learner = OptimizerLearner(rule, options.horizon, first_order=not options.second_derivatives)
     return learner, TruncatedBackprop(options.truncation)
 
 

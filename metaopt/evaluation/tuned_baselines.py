@@ -29,6 +29,7 @@ import torch
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.evaluation.evaluate import confidence_interval
 from metaopt.problems.optimizees import TUNING_OFFSET, Optimizee
+from metaopt.training.logging import note
 
 __all__ = ["BASELINES", "CRITERIA", "GRID", "LEARNED", "baseline_table", "compare_with_baselines", "run_optimizer",
            "tune_learning_rate"]
@@ -180,6 +181,9 @@ def compare_with_baselines(learner: OptimizerLearner, families: Mapping[str, tup
     device = learner.device
     scored = {}
     for title, (test, val) in families.items():
+        note(f"{title}: tuning {len(BASELINES)} baselines over {len(grid)} learning rates on {tune_problems} "
+             f"validation problems, then {len(BASELINES) + 1} optimizers on {problems} test problems of "
+             f"{2 * horizon} steps")
         scored[title] = _score(learner, [test.batch(i).to(device) for i in range(problems)],
                                [val.batch(TUNING_OFFSET + i).to(device) for i in range(tune_problems)], horizon, grid)
     header = (f"{problems} test problems, {horizon}-step horizon; baselines' learning rates tuned over {tuple(grid)} "

@@ -43,7 +43,7 @@ from metaopt.training.logging import note
 from metaopt.training.trainer import MetaTrainer
 
 __all__ = ["SPLITS", "Experiment", "RunCompleteError", "build_experiment", "default_run_dir", "evaluate_run",
-           "intra_op_threads", "load_learner", "load_run", "load_weights", "resolve_device", "train"]
+           "intra_op_threads", "load_learner", "load_rule", "load_run", "load_weights", "resolve_device", "train"]
 
 SPLITS = ("train", "val", "test")
 
@@ -144,6 +144,7 @@ def _evaluate_checkpoint(experiment: Experiment, path: Path, split: str, episode
     state = load_weights(experiment.learner, path)
     trainer = experiment.config.trainer
     count = episodes or (trainer.test_episodes if split == "test" else None) or trainer.eval_episodes
+    note(f"scoring {path.name} (iteration {int(state['iteration'])}) on {count} {split} problems")
     result = evaluate(experiment.learner, experiment.problems(split), count, steps=steps, device=experiment.device)
     record = {"result": result.to_dict(), "summary": str(result), "split": split, "checkpoint": path.name,
               "checkpoint_iteration": int(state["iteration"])}
@@ -283,6 +284,17 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: torch.device
     return load_learner(Path(run_dir) / f"{checkpoint}.pt", device).eval()
 
 
+def _run_config(path: Path, state: dict[str, Any]) -> RunConfig:
+    """The config of the run that wrote checkpoint ``path``: the one it carries, else the ``config.json`` beside it."""
+    recorded = state.get("config")
+    if isinstance(recorded, dict) and "algorithm" not in recorded:  # a MetaTrainer given a TrainerConfig
+        raise ConfigError(f"{path} is of a run trained from Python objects: its config holds the trainer's settings "
+                          f"only, not the algorithm, data and model that would rebuild its {state['algorithm']}; "
+                          "build the learner as the script did and load the weights into it with "
+                          f"metaopt.load_weights(learner, {str(path)!r})")
+    return RunConfig.from_dict(recorded) if recorded is not None else read_run_config(path.parent / "config.json")
+
+
 def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learner:
     """The learner of a run's checkpoint (``best.pt`` or ``last.pt``) with its weights, built from the run's config.
 
@@ -290,14 +302,31 @@ def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learne
     written before checkpoints carried their config.
     """
     path = Path(path)
-    state = load_checkpoint(path, required=("algorithm", "model"))
-    recorded = state.get("config")
-    if isinstance(recorded, dict) and "algorithm" not in recorded:  # a MetaTrainer given a TrainerConfig
-        raise ConfigError(f"{path} is of a run trained from Python objects: its config holds the trainer's settings "
-                          f"only, not the algorithm, data and model that would rebuild its {state['algorithm']}; "
-                          "build the learner as the script did and load the weights into it with "
-                          f"metaopt.load_weights(learner, {str(path)!r})")
-    config = RunConfig.from_dict(recorded) if recorded is not None else read_run_config(path.parent / "config.json")
+    config = _run_config(path, load_checkpoint(path, required=("algorithm", "model")))
     experiment = build_experiment(config.replace(device=str(device)))
     load_weights(experiment.learner, path)
     return experiment.learner
+
+
+def load_rule(path: str | Path) -> torch.nn.Module:
+    """The update rule a learned-optimizer run trained, from its checkpoint alone, on the CPU: no data is read.
+
+    A learned optimizer's rule does not depend on the problems it was trained on, so the run's
+    algorithm is built from its config without an example problem, and the checkpoint's weights
+    are loaded into it. The global random generators are left as they were.
+
+    Raises:
+        CheckpointError: the checkpoint is missing or corrupt, or of a few-shot run (naming it).
+        ConfigError: the run was trained from Python objects (see :func:`load_run`).
+    """
+    path = Path(path)
+    config = _run_config(path, load_checkpoint(path, required=("algorithm", "model")))
+    algorithm = config.algorithm
+    if algorithm.entry.problems != "optimizees":
+        raise CheckpointError(f"checkpoint {path} is of a {algorithm.name!r} run, a few-shot learner, not a learned "
+                              "optimizer; load it with metaopt.load_run")
+    with torch.random.fork_rng(devices=[]):  # the weights are overwritten
+        built = algorithm.entry.build(algorithm.options, BuildContext(None, None))
+    learner = built[0] if isinstance(built, tuple) else built
+    load_weights(learner, path)
+    return learner.rule

@@ -253,7 +253,7 @@ def test_missing_corrupt_or_foreign_checkpoints_are_named(tmp_path) -> None:
         "iterations": 1, "eval_every": 100, "checkpoint_every": 100, "log_every": 1})
     experiment = build_experiment(config)  # a run of another algorithm, in today's format
     MetaTrainer(experiment.learner, experiment.problems("train"), config, run_dir=tmp_path / "maml").fit()
-    with pytest.raises(CheckpointError, match="is of a 'maml' run, not of an l2l run"):
+    with pytest.raises(CheckpointError, match="is of a 'maml' run, a few-shot learner, not a learned optimizer"):
         LearnedOptimizer(params, checkpoint=tmp_path / "maml" / "last.pt")
 
 
