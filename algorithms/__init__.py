@@ -14,6 +14,7 @@ from metaopt.algorithms.maml import MAML
 from metaopt.algorithms.mamlpp import MAMLPlusPlus
 from metaopt.algorithms.metalstm import MetaLSTM
 from metaopt.algorithms.metasgd import MetaSGD
+from metaopt.algorithms.mlp_lopt import MLPLOptimizer, MLPLOptRule
 from metaopt.algorithms.mtnet import MTNet
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "LSTMOptimizerRule",
     "LearnedOptimizer",
     "MAMLPlusPlus",
+    "MLPLOptRule",
+    "MLPLOptimizer",
     "MTNet",
     "MetaLSTM",
     "MetaSGD",

@@ -2,11 +2,17 @@
 
 from metaopt.estimators.backprop import Backprop
 from metaopt.estimators.base import Estimate, Estimator
+from metaopt.estimators.es import TruncatedES
+from metaopt.estimators.perturbations import perturbation
+from metaopt.estimators.pes import PES
 from metaopt.estimators.truncated import TruncatedBackprop
 
 __all__ = [
     "Backprop",
     "Estimate",
     "Estimator",
+    "PES",
     "TruncatedBackprop",
+    "TruncatedES",
+    "perturbation",
 ]

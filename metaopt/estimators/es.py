@@ -1,0 +1,212 @@
+"""Antithetic truncated evolution strategies through a learned optimizer's unroll (Metz et al. 2020, §4).
+
+Each call takes one truncation of ``truncation`` steps of every live run (``tasks`` runs, one
+optimizee problem each, the last truncation of a run cut at the learner's ``horizon`` as in
+:class:`metaopt.estimators.truncated.TruncatedBackprop`). For every antithetic pair ``i`` the
+meta-parameters φ are perturbed by ε_i = σ z_i, z_i ~ N(0, I) drawn from the counter-based key
+``(seed, iteration, task, i)`` (:func:`metaopt.estimators.perturbations.perturbation`), and φ + ε_i and
+φ − ε_i each unroll the truncation from the *same* carried inner state. With L̄± the mean loss
+``f(θ_t)`` over the truncation's steps, the estimate is
+
+    ĝ = mean_i ε_i (L̄⁺_i − L̄⁻_i) / (2σ²) = mean_i z_i (L̄⁺_i − L̄⁻_i) / (2σ),
+
+the gradient of the Gaussian-smoothed truncation loss E_z L̄(φ + σz) (the convention of
+google/learned_optimization's ``truncated_es.py``; Salimans et al. 2017, eq. 1, antithetic). The
+inner state carried to the next call is the positive branch's of pair 0. Like truncated
+backpropagation the estimate is biased: it ignores how the rule of a truncation moves the losses of
+later ones (the reason for PES, :mod:`metaopt.estimators.pes`).
+
+Guards: a pair whose loss difference is not finite adds nothing (its particles count as zero, as in
+the reference) and is counted in ``nonfinite_pairs``; entries of the estimate that are not finite
+are set to zero and counted in ``zeroed_grads``; a run whose carried branch is not finite ends, and
+the next call starts the next problem of the stream. The loss is the mean of (L̄⁺ + L̄⁻)/2 over the
+finite pairs (NaN when none is finite: the trainer then skips the update).
+
+Particles run one after another: :meth:`OptimizerLearner.truncation` takes the optimizee's gradients
+with :func:`torch.autograd.grad`, which :func:`torch.func.vmap` cannot batch, so the pairs are a loop
+(each branch runs without a graph, under :func:`torch.no_grad`).
+
+References:
+    Metz et al., 2020. Tasks, stability, architecture, and compute: training more effective learned
+    optimizers, and using them to train themselves. https://arxiv.org/abs/2009.11243
+    Salimans et al., 2017. Evolution Strategies as a Scalable Alternative to Reinforcement Learning.
+    https://arxiv.org/abs/1703.03864
+
+Example:
+    >>> import torch
+    >>> from metaopt.datasets import Quadratics
+    >>> from metaopt.engine.optimizer_learner import OptimizerLearner
+    >>> from metaopt.engine.rules import LearnedRates
+    >>> from metaopt.problems.optimizees import optimizee_stream
+    >>> learner = OptimizerLearner(LearnedRates({"theta": torch.tensor(0.01)}, per_step=False), horizon=4)
+    >>> estimator = TruncatedES(sigma=0.01, pairs=4, truncation=2)
+    >>> problems = optimizee_stream(Quadratics(dim=3, batch=2), "train", seed=0)
+    >>> estimate = estimator.estimate(learner, problems, iteration=0)
+    >>> sorted(estimate.metrics), estimator.state_dict()["runs"][0]["step"]
+    (['loss', 'nonfinite_pairs', 'zeroed_grads'], 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaopt.engine.functional import Params, map_tensors
+from metaopt.engine.inner import Trajectory
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.estimators.base import Estimate, Estimator
+from metaopt.estimators.perturbations import Key, perturbation
+from metaopt.problems.optimizees import Optimizee
+
+__all__ = ["TruncatedES", "perturbed_truncation"]
+
+
+class _Truncation(nn.Module):
+    """``learner.truncation`` as a module call, so :func:`torch.func.functional_call` can swap φ for it."""
+
+    def __init__(self, learner: OptimizerLearner) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, problem: Optimizee, params: Params, state: Any, start: int,
+                steps: int) -> tuple[torch.Tensor, Trajectory]:
+        score, trajectory = self.learner.truncation(problem, params, state, start, steps)
+        return score.step_losses[1:], trajectory
+
+
+def perturbed_truncation(learner: OptimizerLearner, phi: Params, problem: Optimizee, params: Params, state: Any,
+                         start: int, steps: int) -> tuple[torch.Tensor, Trajectory]:
+    """``steps`` steps of ``learner``'s rule with meta-parameters ``phi`` (by name), without a graph.
+
+    The learner's own parameters are untouched. Returns the losses ``f(θ_{start+1}), ...,
+    f(θ_{start+steps})`` and the trajectory (its last parameters and rule state carry the run on).
+    """
+    with torch.no_grad():
+        return torch.func.functional_call(_Truncation(learner), {f"learner.{k}": v for k, v in phi.items()},
+                                          (problem, params, state, start, steps))
+
+
+class _Antithetic(Estimator):
+    """What antithetic ES and PES share: settings, the live runs' problems, guarded gradient writing."""
+
+    def __init__(self, sigma: float, pairs: int, truncation: int, tasks: int, seed: int) -> None:
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        for name, value in (("pairs", pairs), ("truncation", truncation), ("tasks", tasks)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.sigma, self.pairs, self.truncation, self.tasks, self.seed = sigma, pairs, truncation, tasks, seed
+        self.started = 0  # problems of the training stream started so far
+        self._runs: list[dict[str, Any] | None] = [None] * tasks  # the carried state of each task's live run
+        self._problems: dict[int, Optimizee] = {}  # live problems by stream index (rebuilt after a resume)
+
+    def _problem(self, problems: Any, index: int, learner: OptimizerLearner) -> Optimizee:
+        if index not in self._problems:
+            self._problems[index] = problems.batch(index).to(learner.device)
+        return self._problems[index]
+
+    def _start(self, problems: Any, learner: OptimizerLearner) -> tuple[int, Optimizee]:
+        """The next problem of the stream, now live."""
+        index, self.started = self.started, self.started + 1
+        return index, self._problem(problems, index, learner)
+
+    def _end(self, task: int) -> None:
+        run = self._runs[task]
+        if run is not None:
+            self._problems.pop(run["problem"], None)
+        self._runs[task] = None
+
+    def _keys(self, iteration: int, task: int) -> list[Key]:
+        return [(self.seed, iteration, task, pair) for pair in range(self.pairs)]
+
+    @staticmethod
+    def _write(learner: OptimizerLearner, grads: Params) -> int:
+        """Add ``grads`` to the ``.grad`` of ``learner``'s parameters, non-finite entries set to zero; their count."""
+        zeroed = 0
+        for name, p in learner.named_parameters():
+            finite = torch.isfinite(grads[name])
+            zeroed += int((~finite).sum())
+            g = torch.where(finite, grads[name], torch.zeros_like(grads[name])).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+        return zeroed
+
+    def settings(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "pairs": self.pairs, "truncation": self.truncation, "tasks": self.tasks,
+                "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "runs": list(self._runs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["runs"]) != self.tasks:
+            raise ValueError(f"the state holds {len(state['runs'])} runs, but this estimator has tasks={self.tasks}")
+        self.started, self._runs, self._problems = int(state["started"]), list(state["runs"]), {}
+
+
+class TruncatedES(_Antithetic):
+    """Antithetic truncated ES: one truncation of every live run per call (see the module docs).
+
+    Args:
+        sigma: standard deviation σ of the perturbation ε = σ z (the reference: 0.01).
+        pairs: antithetic pairs per task, all from the task's carried inner state.
+        truncation: optimizee steps per call (the reference: 20); a run's last truncation is cut at the horizon.
+        tasks: runs unrolled side by side, each its own problem of the stream.
+        seed: first entry of every perturbation key ``(seed, iteration, task, pair)``.
+    """
+
+    def __init__(self, sigma: float = 0.01, pairs: int = 8, truncation: int = 20, tasks: int = 1,
+                 seed: int = 0) -> None:
+        super().__init__(sigma, pairs, truncation, tasks, seed)
+
+    def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
+                 track_steps: bool = False) -> Estimate:
+        del track_steps
+        phi = {name: p.detach() for name, p in learner.named_parameters()}
+        total = {name: torch.zeros_like(p) for name, p in phi.items()}
+        losses, dropped = [], 0
+        for task in range(self.tasks):
+            run = self._live(task, problems, learner)
+            problem = self._problem(problems, run["problem"], learner)
+            length = min(self.truncation, learner.horizon - run["step"])
+            carried = None
+            for key in self._keys(iteration, task):
+                z = perturbation(key, phi)
+                plus, trajectory = perturbed_truncation(learner, {k: phi[k] + self.sigma * z[k] for k in phi}, problem,
+                                                        run["params"], run["state"], run["step"], length)
+                minus, _ = perturbed_truncation(learner, {k: phi[k] - self.sigma * z[k] for k in phi}, problem,
+                                                run["params"], run["state"], run["step"], length)
+                carried = (plus, trajectory) if carried is None else carried
+                delta = (plus.mean() - minus.mean()).item()
+                if not math.isfinite(delta):
+                    dropped += 1
+                    continue
+                losses.append((plus.mean() + minus.mean()).item() / 2)
+                for k in total:
+                    total[k] += z[k] * (delta / (2 * self.sigma))
+            plus, trajectory = carried
+            if bool(torch.isfinite(plus).all()) and run["step"] + length < learner.horizon:
+                self._runs[task] = {**run, "step": run["step"] + length,
+                                    **map_tensors(torch.Tensor.detach, {"params": trajectory.params[-1],
+                                                                        "state": trajectory.state})}
+            else:
+                self._end(task)
+        zeroed = self._write(learner, {k: v / (self.tasks * self.pairs) for k, v in total.items()})
+        loss = sum(losses) / len(losses) if losses else math.nan
+        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed)})
+
+    def _live(self, task: int, problems: Any, learner: OptimizerLearner) -> dict[str, Any]:
+        """The carried state of ``task``'s run: a fresh run of the next problem when it has none."""
+        run = self._runs[task]
+        if run is None:
+            index, problem = self._start(problems, learner)
+            run = {"problem": index, "step": 0, "params": problem.init_params(), "state": None}
+        else:
+            run = {**run, **map_tensors(lambda t: t.to(learner.device), {"params": run["params"],
+                                                                           "state": run["state"]})}
+        self._runs[task] = run
+        return run

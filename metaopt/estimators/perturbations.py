@@ -1,0 +1,51 @@
+"""Counter-based perturbations: the Gaussian noise of ES and PES as a pure function of a key.
+
+Evolution-strategies estimators (:mod:`metaopt.estimators.es`, :mod:`metaopt.estimators.pes`)
+perturb the meta-parameters φ by ε = σ z with z ~ N(0, I). Here z is a pure function of the key
+``(seed, step, task, pair)`` (run seed, meta-update, inner problem, antithetic pair): the key is
+hashed by :class:`numpy.random.SeedSequence` into the seed of a CPU :class:`torch.Generator`, which
+draws one tensor per entry of the parameter dict, in the dict's order. Any process that knows the
+key and the shapes regenerates the same z, whatever it drew before and on whatever device its
+parameters live, so workers only need to exchange loss differences (as google/learned_optimization's
+distributed ES does; Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative to
+Reinforcement Learning", https://arxiv.org/abs/1703.03864, §2.1 "shared random seeds").
+
+Example:
+    >>> import torch
+    >>> params = {"w": torch.zeros(2, 3), "b": torch.zeros(())}
+    >>> z = perturbation((0, 5, 1, 2), params)
+    >>> {name: tuple(t.shape) for name, t in z.items()}
+    {'w': (2, 3), 'b': ()}
+    >>> all(torch.equal(z[k], perturbation((0, 5, 1, 2), params)[k]) for k in z)
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metaopt.engine.functional import Params
+
+__all__ = ["Key", "perturbation"]
+
+#: ``(seed, step, task, pair)``: run seed, meta-update, inner problem of the meta-batch, antithetic pair.
+Key = tuple[int, int, int, int]
+
+
+def perturbation(key: Key, params: Params) -> Params:
+    """Unit Gaussian noise z ~ N(0, I) shaped like ``params`` (dtype and device too), a pure function of ``key``.
+
+    Args:
+        key: four integers ``(seed, step, task, pair)``, each >= 0.
+        params: the tensors to perturb, by name; only their shapes, dtypes and devices are read.
+
+    Raises:
+        ValueError: a key that is not four non-negative integers.
+    """
+    if len(key) != 4 or any(not isinstance(k, int) or k < 0 for k in key):
+        raise ValueError(f"a perturbation key is four integers >= 0 (seed, step, task, pair), got {key!r}")
+    (state,) = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)
+    generator = torch.Generator().manual_seed(int(state) >> 1)  # 63 bits: manual_seed takes a signed 64-bit int
+    return {name: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+            for name, p in params.items()}
