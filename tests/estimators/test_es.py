@@ -16,7 +16,7 @@ from metaopt.algorithms.lstm_optimizer import LSTMOptimizerRule
 from metaopt.datasets.quadratics import Quadratic, Quadratics
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rules import LearnedRates, StepInfo, UpdateRule
-from metaopt.estimators import Estimator, TruncatedES, perturbation
+from metaopt.estimators import PES, Estimator, TruncatedES, perturbation
 from metaopt.estimators.es import perturbed_truncation
 from metaopt.problems.optimizees import Optimizee, OptimizeeStream, optimizee_stream
 from metaopt.training.config import TrainerConfig
@@ -134,7 +134,9 @@ def test_each_call_unrolls_one_truncation_and_carries_the_positive_branch_of_pai
     assert estimator.state_dict() == {"started": 1, "runs": [None]}  # the run is over: the next call starts problem 1
 
 
-def test_the_state_round_trips_and_resumes_exactly() -> None:
+@pytest.mark.parametrize("estimator", [TruncatedES, PES])
+def test_the_state_round_trips_and_resumes_exactly(estimator: type) -> None:
+    """ES and PES share their state (the carried runs, and PES's ± states and ξ): both resume bit for bit."""
     torch.manual_seed(0)
     learner = OptimizerLearner(LSTMOptimizerRule(hidden=4), horizon=5)
     stream = OptimizeeStream(Quadratics(dim=3, batch=2), first=0)
@@ -142,26 +144,25 @@ def test_the_state_round_trips_and_resumes_exactly() -> None:
     def grads() -> list[torch.Tensor]:
         return [p.grad.clone() for p in learner.parameters()]
 
-    whole, history = TruncatedES(pairs=2, truncation=2, tasks=2), []
+    whole, history = estimator(pairs=2, truncation=2, tasks=2), []
     for i in range(5):
         learner.zero_grad(set_to_none=True)
         history.append((whole.estimate(learner, stream, i).loss, grads()))
-    cut = TruncatedES(pairs=2, truncation=2, tasks=2)
+    cut = estimator(pairs=2, truncation=2, tasks=2)
     for i in range(2):
         cut.estimate(learner, stream, i)
     buffer = io.BytesIO()
     torch.save(cut.state_dict(), buffer)  # as checkpoints store it
     buffer.seek(0)
-    resumed = TruncatedES(pairs=2, truncation=2, tasks=2)
+    resumed = estimator(pairs=2, truncation=2, tasks=2)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for i in range(2, 5):
         learner.zero_grad(set_to_none=True)
-        loss = resumed.estimate(learner, stream, i).loss
-        assert loss == history[i][0]
+        assert resumed.estimate(learner, stream, i).loss == history[i][0]
         assert all(torch.equal(a, b) for a, b in zip(grads(), history[i][1]))
     assert resumed.state_dict()["started"] == whole.state_dict()["started"] == 4
     with pytest.raises(ValueError, match="tasks=1"):
-        TruncatedES(tasks=1).load_state_dict(cut.state_dict())
+        estimator(tasks=1).load_state_dict(cut.state_dict())
 
 
 def test_settings_are_checked_and_recorded() -> None:
