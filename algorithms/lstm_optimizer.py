@@ -84,8 +84,9 @@ from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
 from metaopt.engine.rules import StepInfo, UpdateRule
-from metaopt.estimators.truncated import TruncatedBackprop
-from metaopt.options import ConfigError, Options
+from metaopt.estimators.base import Estimator
+from metaopt.estimators.unroll_options import UnrollOptions, estimator_of
+from metaopt.options import ConfigError
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state
 from metaopt.training.config import load_preset, preset_names
@@ -280,8 +281,11 @@ class LearnedOptimizer(RuleOptimizer):
 
 
 @dataclass(frozen=True)
-class L2LOptions(Options):
+class L2LOptions(UnrollOptions):
     """The LSTM optimizer's options (Andrychowicz et al. 2016; defaults: the quadratics setting).
+
+    The unroll and its estimator are :class:`metaopt.estimators.unroll_options.UnrollOptions`'
+    (the paper: truncated backpropagation without second derivatives, §2.1).
 
     Args:
         preprocessing: feed log-magnitude / sign features of each gradient coordinate (Appendix A).
@@ -289,38 +293,30 @@ class L2LOptions(Options):
         output_scale: factor of the network's output (1.0 quadratics, 0.1 MNIST).
         lstm_units: LSTM units per layer.
         lstm_layers: stacked LSTM layers.
-        second_derivatives: backpropagate through the optimizee's gradients (the paper: no, §2.1).
-        horizon: optimizee steps of a run, in training and evaluation.
-        truncation: optimizee steps per meta-update (truncated backpropagation).
     """
 
-    positive = ("p", "output_scale", "lstm_units", "lstm_layers", "horizon", "truncation")
+    positive = ("p", "output_scale", "lstm_units", "lstm_layers", *UnrollOptions.positive)
     preprocessing: bool = False
     p: float | None = None
     output_scale: float = 1.0
     lstm_units: int = 20
     lstm_layers: int = 2
-    second_derivatives: bool = False
-    horizon: int = 100
-    truncation: int = 20
 
     def check(self) -> None:
         super().check()
         if self.p is not None and not self.preprocessing:
             raise ConfigError("option 'p' is the constant of the gradient preprocessing; it does nothing without "
                               "preprocessing=True")
-        if self.truncation > self.horizon:
-            raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
 
 
 @register_algorithm("l2l", L2LOptions, problems="optimizees")
-def build_l2l(options: L2LOptions, context: BuildContext) -> tuple[OptimizerLearner, TruncatedBackprop]:
-    """Andrychowicz et al. 2016's coordinate-wise LSTM optimizer, trained by truncated backpropagation."""
+def build_l2l(options: L2LOptions, context: BuildContext) -> tuple[OptimizerLearner, Estimator]:
+    """Andrychowicz et al. 2016's coordinate-wise LSTM optimizer, trained by the estimator its options choose."""
     del context
     rule = LSTMOptimizerRule(options.preprocessing, 10.0 if options.p is None else options.p, options.output_scale,
                              hidden=options.lstm_units, layers=options.lstm_layers)
     learner = OptimizerLearner(rule, options.horizon, first_order=not options.second_derivatives)
-    return learner, TruncatedBackprop(options.truncation)
+    return learner, estimator_of(options)
 
 
 def _metaopt_version() -> str:

@@ -66,8 +66,8 @@ from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
 from metaopt.engine.rules import StepInfo, UpdateRule
-from metaopt.estimators.truncated import TruncatedBackprop
-from metaopt.options import ConfigError, Options
+from metaopt.estimators.base import Estimator
+from metaopt.estimators.unroll_options import UnrollOptions, estimator_of
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.experiment import load_rule
@@ -221,38 +221,29 @@ class MLPLOptimizer(RuleOptimizer):
 
 
 @dataclass(frozen=True)
-class MLPLOptOptions(Options):
+class MLPLOptOptions(UnrollOptions):
     """The per-parameter MLP optimizer's options (defaults: learned_optimization's ``MLPLOpt``; l2l's unroll).
+
+    The unroll and its estimator are :class:`metaopt.estimators.unroll_options.UnrollOptions`'.
 
     Args:
         hidden_size: units of each hidden layer of the MLP.
         hidden_layers: hidden layers of the MLP.
         exp_mult: factor of the magnitude output in the step's exponent.
         step_mult: factor of the step.
-        second_derivatives: backpropagate through the optimizee's gradients.
-        horizon: optimizee steps of a run, in training and evaluation.
-        truncation: optimizee steps per meta-update (truncated backpropagation).
     """
 
-    positive = ("hidden_size", "hidden_layers", "exp_mult", "step_mult", "horizon", "truncation")
+    positive = ("hidden_size", "hidden_layers", "exp_mult", "step_mult", *UnrollOptions.positive)
     hidden_size: int = 32
     hidden_layers: int = 2
     exp_mult: float = 1e-3
     step_mult: float = 1e-3
-    second_derivatives: bool = False
-    horizon: int = 100
-    truncation: int = 20
-
-    def check(self) -> None:
-        super().check()
-        if self.truncation > self.horizon:
-            raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
 
 
 @register_algorithm("mlp-lopt", MLPLOptOptions, problems="optimizees")
-def build_mlp_lopt(options: MLPLOptOptions, context: BuildContext) -> tuple[OptimizerLearner, TruncatedBackprop]:
-    """learned_optimization's per-parameter MLP optimizer (Metz et al. 2020), trained by truncated backpropagation."""
+def build_mlp_lopt(options: MLPLOptOptions, context: BuildContext) -> tuple[OptimizerLearner, Estimator]:
+    """learned_optimization's per-parameter MLP optimizer (Metz et al. 2020), trained as its options choose."""
     del context
     rule = MLPLOptRule(options.hidden_size, options.hidden_layers, options.exp_mult, options.step_mult)
     learner = OptimizerLearner(rule, options.horizon, first_order=not options.second_derivatives)
-    return learner, TruncatedBackprop(options.truncation)
+    return learner, estimator_of(options)

@@ -51,7 +51,7 @@ import os
 import struct
 import urllib.request
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,8 +69,11 @@ __all__ = [
     "ACTIVATIONS",
     "FILES",
     "FASHION_MD5",
+    "IDXSpec",
     "KNOWN_MD5",
     "MIRRORS",
+    "MNIST",
+    "MNIST_MD5",
     "PARTS",
     "MNISTMLPOptions",
     "MNISTOptimizee",
@@ -79,7 +82,10 @@ __all__ = [
     "download_mnist",
     "load_mnist",
     "meta_split_indices",
+    "mlp_forward",
     "mlp_shapes",
+    "read_split",
+    "seeded_generator",
 ]
 
 #: the image and label file of each split
@@ -105,6 +111,14 @@ FASHION_MD5 = {
     "9018921c3c673c538a1fc5bad174d6f9": "train-labels-idx1-ubyte",
     "8181f5470baa50b63fa0f6fddb340f0a": "t10k-images-idx3-ubyte",
     "15d484375f8d13e6eb1aabb0c3f46965": "t10k-labels-idx1-ubyte",
+}
+#: MD5 of MNIST's files, gzipped as published and decompressed: refused in the Fashion-MNIST folder for the same reason
+MNIST_MD5 = {
+    **{md5: name for name, md5 in KNOWN_MD5.items()},
+    "6bbc9ace898e44ae57da46a324031adb": "train-images-idx3-ubyte",
+    "a25bea736e30d166cdddb491f175f624": "train-labels-idx1-ubyte",
+    "2646ac647ad5339dbf082846283269ea": "t10k-images-idx3-ubyte",
+    "27ae3e4e09519cfbb04c329615203637": "t10k-labels-idx1-ubyte",
 }
 #: where :func:`download_mnist` looks, in order (torchvision's mirror first: the original site often refuses)
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
@@ -133,14 +147,49 @@ def _not_fashion(folder: Path, found: str) -> ValueError:
                       "$METAOPT_DATA/fashion-mnist)")
 
 
-def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray:
-    """The uint8 array of an IDX file with ``magic`` whose items have shape ``shape_tail``."""
+@dataclass(frozen=True)
+class IDXSpec:
+    """Which IDX dataset a folder should hold: MNIST, or one with its file names and layout (Fashion-MNIST).
+
+    The reader checks every file against it; the two datasets share names, magic numbers and
+    shapes, so each refuses the other's files by their MD5 and by their class balance.
+
+    Attributes:
+        title: the dataset's name in messages (``"MNIST"``).
+        folder: its sub-folder of ``$METAOPT_DATA`` (``"mnist"``).
+        put: what to put where when files are missing (``"put <files> from <source>"``).
+        source: where the original files are, for the message about a corrupt one.
+        download: how to fetch the files from Python (``""``: no downloader).
+        foreign_md5: MD5 → file name of the look-alike dataset's files, refused.
+        foreign: the look-alike's title.
+        refuse: the error for the look-alike's files, ``refuse(folder, how they were recognised)``.
+        balanced: whether every class has exactly a tenth of the labels of a full split (60,000 or 10,000).
+    """
+
+    title: str
+    folder: str
+    put: str
+    source: str
+    download: str
+    foreign_md5: Mapping[str, str]
+    foreign: str
+    refuse: Callable[[Path, str], ValueError]
+    balanced: bool
+
+
+#: what the MNIST folder must hold
+MNIST = IDXSpec("MNIST", "mnist", _PUT, MIRRORS[1], "metaopt.datasets.mnist.download_mnist(root) fetches them when "
+                "online", FASHION_MD5, "Fashion-MNIST", _not_fashion, balanced=False)
+
+
+def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...], spec: IDXSpec = MNIST) -> np.ndarray:
+    """The uint8 array of an IDX file of ``spec``'s dataset with ``magic`` whose items have shape ``shape_tail``."""
     header_size = 4 * (2 + len(shape_tail))
-    fix = f"replace {path.name} with the original file (see {MIRRORS[1]})"
+    fix = f"replace {path.name} with the original file (see {spec.source})"
     raw = path.read_bytes()
     md5 = hashlib.md5(raw).hexdigest()
-    if md5 in FASHION_MD5:
-        raise _not_fashion(path.parent, f"{path} is Fashion-MNIST's {FASHION_MD5[md5]} (MD5 {md5})")
+    if md5 in spec.foreign_md5:
+        raise spec.refuse(path.parent, f"{path} is {spec.foreign}'s {spec.foreign_md5[md5]} (MD5 {md5})")
     try:
         data = gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
@@ -151,8 +200,8 @@ def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray
     found, count, *tail = struct.unpack(f">{len(header) // 4}I", header)
     if found != magic:
         kind = "image" if magic == IMAGE_MAGIC else "label"
-        raise ValueError(f"{path} has magic number {found}, not {magic} (an IDX {kind} file): it is not an MNIST "
-                         f"{kind} file or it is corrupt; {fix}")
+        raise ValueError(f"{path} has magic number {found}, not {magic} (an IDX {kind} file): it is not "
+                         f"{spec.title}'s {kind} file or it is corrupt; {fix}")
     if tuple(tail) != shape_tail:
         raise ValueError(f"{path} holds items of shape {tuple(tail)}, expected {shape_tail}; {fix}")
     item = int(np.prod(shape_tail, dtype=np.int64))
@@ -164,29 +213,33 @@ def _read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> np.ndarray
     return np.frombuffer(payload, dtype=np.uint8).reshape(count, item)
 
 
-def _read_split(root: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``[N, 784]`` and labels ``[N]`` of ``split``, both uint8 (read-only arrays)."""
+def read_split(root: str | os.PathLike | None, split: str, spec: IDXSpec = MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 784]`` and labels ``[N]`` of ``split`` of ``spec``'s dataset, both uint8 (read-only arrays)."""
     if split not in FILES:
-        raise ValueError(f"unknown MNIST split {split!r}; choose 'train' or 'test'")
-    folder = dataset_root(root, "mnist")
+        raise ValueError(f"unknown {spec.title} split {split!r}; choose 'train' or 'test'")
+    folder = dataset_root(root, spec.folder)
     paths = {name: _locate(folder, name) for name in FILES[split]}
     missing = [name for name, path in paths.items() if path is None]
     if missing:
-        raise FileNotFoundError(f"MNIST {split} files not found in {folder}: missing {', '.join(missing)}; "
-                                f"{_PUT} {put_into('mnist', folder)}; from Python, "
-                                "metaopt.datasets.mnist.download_mnist(root) fetches them when online")
+        download = f"; from Python, {spec.download}" if spec.download else ""
+        raise FileNotFoundError(f"{spec.title} {split} files not found in {folder}: missing {', '.join(missing)}; "
+                                f"{spec.put} {put_into(spec.folder, folder)}{download}")
     image_file, label_file = (paths[name] for name in FILES[split])
-    images = _read_idx(image_file, IMAGE_MAGIC, (SIDE, SIDE))
-    labels = _read_idx(label_file, LABEL_MAGIC, ()).reshape(-1)
+    images = _read_idx(image_file, IMAGE_MAGIC, (SIDE, SIDE), spec)
+    labels = _read_idx(label_file, LABEL_MAGIC, (), spec).reshape(-1)
     if len(images) != len(labels):
         raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels; "
                          f"the two files do not belong together: replace them with the original pair")
     if len(labels) and labels.max() >= CLASSES:
         raise ValueError(f"{label_file} holds label {labels.max()}, outside 0-9; replace it with the original file")
     counts = np.bincount(labels, minlength=CLASSES)
-    if len(labels) in (60000, 10000) and (counts == len(labels) // CLASSES).all():
-        raise _not_fashion(folder, f"{label_file} has exactly {counts[0]} labels of every class, as Fashion-MNIST has "
-                                   "(MNIST's classes are unbalanced)")
+    balanced = bool((counts == len(labels) // CLASSES).all())
+    if len(labels) in (60000, 10000) and balanced != spec.balanced:
+        found = (f"{label_file} has exactly {counts[0]} labels of every class, as {spec.foreign} has "
+                 f"({spec.title}'s classes are unbalanced)" if balanced else
+                 f"{label_file} has between {counts.min()} and {counts.max()} labels per class, as {spec.foreign} "
+                 f"has ({spec.title} has exactly {len(labels) // CLASSES} of every class)")
+        raise spec.refuse(folder, found)
     return images, labels
 
 
@@ -197,7 +250,7 @@ def load_mnist(root: str | os.PathLike | None = None, split: str = "train") -> t
         root: folder with the IDX files; default ``$METAOPT_DATA/mnist``.
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
     """
-    images, labels = _read_split(root, split)
+    images, labels = read_split(root, split)
     pixels = images.astype(np.float32)
     pixels /= 255
     return torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64))
@@ -269,7 +322,27 @@ def mlp_shapes(hidden: Sequence[int] = (20,), in_features: int = SIDE * SIDE,
     return shapes
 
 
-def _generator(*entropy: int) -> torch.Generator:
+def mlp_forward(params: Mapping[str, torch.Tensor], x: torch.Tensor, layers: int,
+                activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The logits of the MLP ``params`` (named as :func:`mlp_shapes` names them) on inputs ``x`` ``[batch, in]``.
+
+    ``layers`` linear layers, ``activation`` (e.g. ``torch.relu``) between them, none after the last.
+
+    Example:
+        >>> params = {"fc1.weight": torch.eye(2), "fc1.bias": torch.tensor([0.0, -2.0]),
+        ...           "fc2.weight": torch.ones(1, 2), "fc2.bias": torch.zeros(1)}
+        >>> mlp_forward(params, torch.tensor([[1.0, 1.0]]), layers=2, activation=torch.relu)
+        tensor([[1.]])
+    """
+    h = x
+    for i in range(1, layers + 1):
+        h = F.linear(h, params[f"fc{i}.weight"], params[f"fc{i}.bias"])
+        if i < layers:
+            h = activation(h)
+    return h
+
+
+def seeded_generator(*entropy: int) -> torch.Generator:
     """A CPU generator seeded from a tuple of non-negative integers (independent streams per tuple)."""
     state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -286,7 +359,7 @@ class MNISTOptimizee(Optimizee):
 
     def init_params(self) -> dict[str, torch.Tensor]:
         """PyTorch's default ``nn.Linear`` init (uniform in ±1/√fan_in) under a generator seeded by ``seed``."""
-        g = _generator(self.seed, 0)
+        g = seeded_generator(self.seed, 0)
         shapes = mlp_shapes(self.family.hidden)
         params = {}
         for name, shape in shapes.items():
@@ -301,7 +374,7 @@ class MNISTOptimizee(Optimizee):
         family = self.family
         per_epoch = len(family.labels) // family.batch
         epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(len(family.labels), generator=_generator(self.seed, 1, epoch))
+        order = torch.randperm(len(family.labels), generator=seeded_generator(self.seed, 1, epoch))
         return order[position * family.batch : (position + 1) * family.batch]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,13 +386,8 @@ class MNISTOptimizee(Optimizee):
         """Mean cross-entropy of the MLP with ``params`` on minibatch ``step``."""
         x, y = self.batch(step)
         device = params["fc1.weight"].device
-        h, act = x.to(device), ACTIVATIONS[self.family.activation]
-        layers = len(self.family.hidden) + 1
-        for i in range(1, layers + 1):
-            h = F.linear(h, params[f"fc{i}.weight"], params[f"fc{i}.bias"])
-            if i < layers:
-                h = act(h)
-        return F.cross_entropy(h, y.to(device))
+        logits = mlp_forward(params, x.to(device), len(self.family.hidden) + 1, ACTIVATIONS[self.family.activation])
+        return F.cross_entropy(logits, y.to(device))
 
 
 class MNISTOptimizees:
@@ -353,7 +421,7 @@ class MNISTOptimizees:
             raise ValueError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
-        images, labels = _read_split(root, split)
+        images, labels = read_split(root, split)
         self.indices = meta_split_indices(len(labels), part)
         if not 1 <= batch <= len(self.indices):
             raise ValueError(f"batch must be between 1 and the {len(self.indices)} images of {split}/{part}, "

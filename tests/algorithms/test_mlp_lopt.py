@@ -291,8 +291,8 @@ def test_rule_and_checkpoint_exclude_each_other_and_bad_checkpoints_are_named(tm
         MLPLOptRule().init({})
 
 
-MLP_LOPT_OPTIONS = ("hidden_size", "hidden_layers", "exp_mult", "step_mult", "second_derivatives", "horizon",
-                    "truncation")
+MLP_LOPT_OPTIONS = ("horizon", "truncation", "estimator", "second_derivatives", "sigma", "pairs", "hidden_size",
+                    "hidden_layers", "exp_mult", "step_mult")
 
 
 def test_registered_options_build_the_learner_and_refuse_others() -> None:
