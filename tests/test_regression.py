@@ -38,11 +38,27 @@ def _checksums(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
 RECORDED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+#: On x86 CPUs with AVX2 the recorded instruction set runs and the runs reproduce bit for bit; elsewhere (an ARM
+#: CPU, say) other kernels round differently, and the figures are compared to a relative 1e-3 (a changed step size
+#: or a lost gradient term moves them by far more).
+EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _same(ours: object, expected: object) -> bool:
+    """``ours == expected``, exactly where :data:`EXACT`, else floats (also inside dicts and lists) to 1e-3."""
+    if isinstance(expected, dict):
+        return isinstance(ours, dict) and ours.keys() == expected.keys() and all(
+            _same(ours[k], v) for k, v in expected.items())
+    if isinstance(expected, list):
+        return isinstance(ours, list) and len(ours) == len(expected) and all(map(_same, ours, expected))
+    if isinstance(expected, float) and not EXACT:
+        return ours == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    return ours == expected
+
+
 def _run(command: list[str], run_dir: Path) -> None:
     """``metaopt COMMAND`` in a fresh process on the recorded instruction sets and 2 threads (the recording's)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("the fixtures are bit-exact on x86 CPUs with AVX2; this CPU runs other kernels")
-    env = {**os.environ, **RECORDED_ISA, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, **(RECORDED_ISA if EXACT else {}), "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, "-m", "metaopt", *command, "--run-dir", str(run_dir)], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -54,7 +70,7 @@ def _same_parameters(expected: dict[str, list[float]], state: dict[str, torch.Te
         if name == "rule.lr":  # a float32 buffer in 0.1, a Python number now
             continue
         moved = name if name in ours else f"initialiser.{name}"  # ARML's gate is the learner's initialiser now
-        assert ours[moved] == sums, name
+        assert _same(ours[moved], sums), name
     assert len(ours) == len([n for n in expected if n != "rule.lr"])
 
 
@@ -77,9 +93,9 @@ def test_fewshot_runs_reproduce_the_recorded_numbers(name: str, tmp_path: Path) 
             if key in FLOAT32_LOGGED:
                 assert ours[key] == pytest.approx(value, rel=1e-7), key
             else:
-                assert ours[key] == value, (ours["iteration"], key)
+                assert _same(ours[key], value), (ours["iteration"], key)
     final = json.loads((tmp_path / "final.json").read_text())
-    assert {k: final["result"][k] for k in fixture["test"]} == fixture["test"]
+    assert _same({k: final["result"][k] for k in fixture["test"]}, fixture["test"])
     assert final["checkpoint_iteration"] == fixture["test_checkpoint_iteration"]
     _same_parameters(fixture["parameters"], torch.load(tmp_path / "last.pt", weights_only=True)["model"])
 
@@ -92,7 +108,7 @@ def test_the_learned_optimizer_run_reproduces_the_recorded_numbers(tmp_path: Pat
     state = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
     _same_parameters({f"rule.{k}": v for k, v in fixture["parameters"].items()}, state)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["val/loss"] == fixture["val"] == fixture["best"]["value"]
+    assert fixture["val"] == fixture["best"]["value"] and _same(records[-1]["val/loss"], fixture["val"])
     # 0.1 logged the mean loss of each problem's 100 steps; today each truncation of 20 logs its own mean
     for epoch, expected in enumerate(fixture["metrics"]):
         truncations = [r["train/loss"] for r in records[5 * epoch:5 * epoch + 5]]
@@ -100,4 +116,4 @@ def test_the_learned_optimizer_run_reproduces_the_recorded_numbers(tmp_path: Pat
     final = json.loads((tmp_path / "final.json").read_text())
     scored = final["baselines"]["scored"]["quadratics"]["results"]
     expected = fixture["scored"]["l2l-quadratics"]
-    assert scored == {("learned optimizer" if k == "LSTM (learned)" else k): v for k, v in expected.items()}
+    assert _same(scored, {("learned optimizer" if k == "LSTM (learned)" else k): v for k, v in expected.items()})
