@@ -172,10 +172,7 @@ class LSTMOptimizerRule(UpdateRule):
                 rule = cls(**hparams).to(next(iter(state["rule"].values())).dtype)
             load_module_state(rule, state["rule"], path)
             return rule
-        rule = load_rule(path)
-        if not isinstance(rule, cls):
-            raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
-        return rule
+        return load_rule(path, cls)
 
     def features(self, grad: torch.Tensor) -> torch.Tensor:
         """The LSTM input of every gradient coordinate: ``[coordinates, 2]`` preprocessed, else ``[coordinates, 1]``."""

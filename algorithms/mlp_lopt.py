@@ -69,7 +69,6 @@ from metaopt.engine.rules import StepInfo, UpdateRule
 from metaopt.estimators.base import Estimator
 from metaopt.estimators.unroll_options import UnrollOptions, estimator_of
 from metaopt.registry import BuildContext, register_algorithm
-from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.experiment import load_rule
 
 __all__ = ["DECAYS", "INPUTS", "TIMESCALES", "MLPLOptOptions", "MLPLOptRule", "MLPLOptimizer", "build_mlp_lopt"]
@@ -117,10 +116,7 @@ class MLPLOptRule(UpdateRule):
         Raises:
             CheckpointError: naming ``path``: missing, corrupt, or not of a run of this rule.
         """
-        rule = load_rule(path)
-        if not isinstance(rule, cls):
-            raise CheckpointError(f"checkpoint {path} holds a {type(rule).__name__} rule, not an {cls.__name__}")
-        return rule
+        return load_rule(path, cls)
 
     @staticmethod
     def accumulate(momenta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

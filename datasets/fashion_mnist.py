@@ -61,8 +61,8 @@ from metaopt.datasets.mnist import (
     MNIST_MD5,
     SIDE,
     IDXSpec,
+    MLPOptimizees,
     MNISTOptimizee,
-    mlp_forward,
     mlp_shapes,
     read_split,
     seeded_generator,
@@ -153,7 +153,7 @@ class FashionMNIST8Optimizee(MNISTOptimizee):
     """One ``ImageMLP_FashionMnist8`` problem: an MLP initialised from ``seed`` and its minibatch losses.
 
     Created by :meth:`FashionMNIST8MLP.sample`; its minibatches are MNIST's (:meth:`batch_rows`).
-    The inner loss is the plain cross-entropy and the outer loss its clipped value, so it
+    The inner loss is MNIST's, the plain cross-entropy, and the outer loss its clipped value, so it
     evaluates the outer loss itself (``outer_is_inner`` is false).
     """
 
@@ -178,19 +178,12 @@ class FashionMNIST8Optimizee(MNISTOptimizee):
         rows = self.batch_rows(step)
         return self.family.images[rows].to(self.family.dtype), self.family.labels[rows]
 
-    def loss(self, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        """Mean cross-entropy of the MLP on minibatch ``step`` (unclipped: the loss whose gradient is taken)."""
-        x, y = self.batch(step)
-        device = params["fc1.weight"].device
-        logits = mlp_forward(params, x.to(device), len(self.family.hidden) + 1, ACTIVATIONS[self.family.activation])
-        return F.cross_entropy(logits, y.to(device))
-
     def outer_loss(self, params: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, None]:
         """The loss on minibatch ``step`` through :func:`normalize_loss` (the reference's meta-objective)."""
         return normalize_loss(self.loss(params, step)), None
 
 
-class FashionMNIST8MLP:
+class FashionMNIST8MLP(MLPOptimizees):
     """MLPs on 8x8 Fashion-MNIST (learned_optimization's ``ImageMLP_FashionMnist8_Relu32``), an optimizee family.
 
     The images of ``part`` are read and downsampled once, kept as one float32 tensor that every
@@ -219,10 +212,7 @@ class FashionMNIST8MLP:
     def __init__(self, root: str | os.PathLike | None = None, hidden: Sequence[int] = (32,),
                  activation: str = "relu", batch: int = 128, part: str = "train", size: int = 8,
                  dtype: torch.dtype = torch.float32) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if any(int(h) != h or h < 1 for h in hidden):
-            raise ValueError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+        self.check_network(activation, hidden)
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose one of {tuple(PARTS)}")
         if not 1 <= size <= SIDE:
@@ -230,19 +220,12 @@ class FashionMNIST8MLP:
         split, start, stop = PARTS[part]
         images, labels = read_split(root, split, FASHION_MNIST)
         rows = slice(round(start * len(labels)), round(stop * len(labels)))
-        count = len(labels[rows])
-        if not 1 <= batch <= count:
-            raise ValueError(f"batch must be between 1 and the {count} images of part {part!r}, got {batch}")
-        self.images = downsample(torch.from_numpy(images[rows].copy()), size)  # the IDX arrays are read-only
-        self.labels = torch.from_numpy(labels[rows].astype(np.int64))
-        self.hidden, self.activation, self.batch = tuple(int(h) for h in hidden), activation, batch
-        self.part, self.size, self.dtype = part, size, dtype
+        self.keep(downsample(torch.from_numpy(images[rows].copy()), size),  # the IDX arrays are read-only
+                  labels[rows], hidden, activation, batch, dtype, f"part {part!r}")
+        self.part, self.size = part, size
 
-    def sample(self, seed: int) -> FashionMNIST8Optimizee:
-        """Problem ``seed`` (a non-negative integer): its initialisation and minibatches depend on it alone."""
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        return FashionMNIST8Optimizee(self, seed)
+
+FashionMNIST8MLP.problem, FashionMNIST8MLP.activations = FashionMNIST8Optimizee, ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -386,11 +386,44 @@ class MNISTOptimizee(Optimizee):
         """Mean cross-entropy of the MLP with ``params`` on minibatch ``step``."""
         x, y = self.batch(step)
         device = params["fc1.weight"].device
-        logits = mlp_forward(params, x.to(device), len(self.family.hidden) + 1, ACTIVATIONS[self.family.activation])
+        family = self.family
+        logits = mlp_forward(params, x.to(device), len(family.hidden) + 1, family.activations[family.activation])
         return F.cross_entropy(logits, y.to(device))
 
 
-class MNISTOptimizees:
+class MLPOptimizees:
+    """What the MLP optimizee families share: their checked settings and the problems they sample.
+
+    A family calls :meth:`check_network` before it reads its data and :meth:`keep` after; its
+    problems are of the class ``problem``.
+    """
+
+    problem: ClassVar[type[MNISTOptimizee]]
+    activations: ClassVar[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = ACTIVATIONS
+
+    @classmethod
+    def check_network(cls, activation: str, hidden: Sequence[int]) -> None:
+        if activation not in cls.activations:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(cls.activations)}")
+        if any(int(h) != h or h < 1 for h in hidden):
+            raise ValueError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+
+    def keep(self, images: torch.Tensor, labels: np.ndarray, hidden: Sequence[int], activation: str, batch: int,
+             dtype: torch.dtype, where: str) -> None:
+        """Keep the family's images and labels and its settings; ``batch`` is checked against the ``where`` images."""
+        if not 1 <= batch <= len(labels):
+            raise ValueError(f"batch must be between 1 and the {len(labels)} images of {where}, got {batch}")
+        self.images, self.labels = images, torch.from_numpy(labels.astype(np.int64))
+        self.hidden, self.activation, self.batch, self.dtype = tuple(int(h) for h in hidden), activation, batch, dtype
+
+    def sample(self, seed: int) -> MNISTOptimizee:
+        """Problem ``seed`` (a non-negative integer): its initialisation and minibatches depend on it alone."""
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        return self.problem(self, seed)
+
+
+class MNISTOptimizees(MLPOptimizees):
     """MLPs on MNIST minibatches (Andrychowicz et al. 2016, §3.2), an optimizee family.
 
     The images of ``split``/``part`` are read once and kept as one uint8 tensor; every sampled
@@ -415,28 +448,17 @@ class MNISTOptimizees:
     def __init__(self, root: str | os.PathLike | None = None, hidden: Sequence[int] = (20,),
                  activation: str = "sigmoid", batch: int = 128, split: str = "train", part: str = "meta-train",
                  dtype: torch.dtype = torch.float32) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if any(int(h) != h or h < 1 for h in hidden):
-            raise ValueError(f"hidden sizes must be positive integers, got {tuple(hidden)}")
+        self.check_network(activation, hidden)
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
         images, labels = read_split(root, split)
         self.indices = meta_split_indices(len(labels), part)
-        if not 1 <= batch <= len(self.indices):
-            raise ValueError(f"batch must be between 1 and the {len(self.indices)} images of {split}/{part}, "
-                             f"got {batch}")
         rows = self.indices.numpy()
-        self.images = torch.from_numpy(images[rows])
-        self.labels = torch.from_numpy(labels[rows].astype(np.int64))
-        self.hidden, self.activation, self.batch = tuple(int(h) for h in hidden), activation, batch
-        self.split, self.part, self.dtype = split, part, dtype
+        self.keep(torch.from_numpy(images[rows]), labels[rows], hidden, activation, batch, dtype, f"{split}/{part}")
+        self.split, self.part = split, part
 
-    def sample(self, seed: int) -> MNISTOptimizee:
-        """Problem ``seed`` (a non-negative integer): its initialisation and minibatches depend on it alone."""
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        return MNISTOptimizee(self, seed)
+
+MNISTOptimizees.problem = MNISTOptimizee
 
 
 @dataclass(frozen=True)

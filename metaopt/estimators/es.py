@@ -135,6 +135,18 @@ class _Antithetic(Estimator):
             p.grad = g if p.grad is None else p.grad + g
         return zeroed
 
+    @staticmethod
+    def _meta_parameters(learner: OptimizerLearner) -> tuple[Params, Params]:
+        """φ (detached) and a zero estimate of its shapes, by name."""
+        phi = {name: p.detach() for name, p in learner.named_parameters()}
+        return phi, {name: torch.zeros_like(p) for name, p in phi.items()}
+
+    def _finish(self, learner: OptimizerLearner, total: Params, losses: list[float], dropped: int) -> Estimate:
+        """Write the mean of ``total`` over tasks and pairs as the gradient; the mean loss of the finite pairs."""
+        zeroed = self._write(learner, {k: v / (self.tasks * self.pairs) for k, v in total.items()})
+        loss = sum(losses) / len(losses) if losses else math.nan
+        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed)})
+
     def settings(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "pairs": self.pairs, "truncation": self.truncation, "tasks": self.tasks,
                 "seed": self.seed}
@@ -166,8 +178,7 @@ class TruncatedES(_Antithetic):
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
         del track_steps
-        phi = {name: p.detach() for name, p in learner.named_parameters()}
-        total = {name: torch.zeros_like(p) for name, p in phi.items()}
+        phi, total = self._meta_parameters(learner)
         losses, dropped = [], 0
         for task in range(self.tasks):
             run = self._live(task, problems, learner)
@@ -195,9 +206,7 @@ class TruncatedES(_Antithetic):
                                                                         "state": trajectory.state})}
             else:
                 self._end(task)
-        zeroed = self._write(learner, {k: v / (self.tasks * self.pairs) for k, v in total.items()})
-        loss = sum(losses) / len(losses) if losses else math.nan
-        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed)})
+        return self._finish(learner, total, losses, dropped)
 
     def _live(self, task: int, problems: Any, learner: OptimizerLearner) -> dict[str, Any]:
         """The carried state of ``task``'s run: a fresh run of the next problem when it has none."""

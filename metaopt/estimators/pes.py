@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -79,8 +78,7 @@ class PES(_Antithetic):
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
         del track_steps
-        phi = {name: p.detach() for name, p in learner.named_parameters()}
-        total = {name: torch.zeros_like(p) for name, p in phi.items()}
+        phi, total = self._meta_parameters(learner)
         losses, dropped = [], 0
         for task in range(self.tasks):
             keys = self._keys(iteration, task)
@@ -103,9 +101,7 @@ class PES(_Antithetic):
                     total[k] += grads[pair][k]
             if not bool(finite.all()):
                 self._end(task)
-        zeroed = self._write(learner, {k: v / (self.tasks * self.pairs) for k, v in total.items()})
-        loss = sum(losses) / len(losses) if losses else math.nan
-        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed)})
+        return self._finish(learner, total, losses, dropped)
 
     def _segment(self, learner: OptimizerLearner, problems: Any, run: dict[str, Any], phi: Params,
                  eps: list[Params], grads: list[Params], sums: torch.Tensor, length: int) -> None:

@@ -130,7 +130,16 @@ def load_weights(learner: Learner, path: str | Path) -> dict[str, Any]:
             weights do not fit ``learner`` (the message names the file and the tensors).
     """
     path = Path(path)
-    state = convert_state(load_checkpoint(path, required=("algorithm", "model", "iteration")), learner)
+    return _fill(learner, load_checkpoint(path, required=_REQUIRED), path)
+
+
+#: What every checkpoint of a trainer holds.
+_REQUIRED = ("algorithm", "model", "iteration")
+
+
+def _fill(learner: Learner, state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Load the weights of checkpoint ``state`` (read from ``path``) into ``learner``; returns the state."""
+    state = convert_state(state, learner)
     ours = type(learner).__name__
     if state["algorithm"] != ours:
         raise CheckpointError(f"checkpoint {path} holds a {state['algorithm']} learner, not a {ours}; load it into "
@@ -302,31 +311,39 @@ def load_learner(path: str | Path, device: torch.device | str = "cpu") -> Learne
     written before checkpoints carried their config.
     """
     path = Path(path)
-    config = _run_config(path, load_checkpoint(path, required=("algorithm", "model")))
-    experiment = build_experiment(config.replace(device=str(device)))
-    load_weights(experiment.learner, path)
+    state = load_checkpoint(path, required=_REQUIRED)
+    experiment = build_experiment(_run_config(path, state).replace(device=str(device)))
+    _fill(experiment.learner, state, path)
     return experiment.learner
 
 
-def load_rule(path: str | Path) -> torch.nn.Module:
+def load_rule(path: str | Path, rule_class: type[torch.nn.Module] = torch.nn.Module) -> torch.nn.Module:
     """The update rule a learned-optimizer run trained, from its checkpoint alone, on the CPU: no data is read.
 
     A learned optimizer's rule does not depend on the problems it was trained on, so the run's
     algorithm is built from its config without an example problem, and the checkpoint's weights
     are loaded into it. The global random generators are left as they were.
 
+    Args:
+        path: ``best.pt`` or ``last.pt`` of the run.
+        rule_class: the class the rule must be of.
+
     Raises:
-        CheckpointError: the checkpoint is missing or corrupt, or of a few-shot run (naming it).
+        CheckpointError: the checkpoint is missing or corrupt, of a few-shot run, or its rule is
+            not a ``rule_class`` (naming it).
         ConfigError: the run was trained from Python objects (see :func:`load_run`).
     """
     path = Path(path)
-    config = _run_config(path, load_checkpoint(path, required=("algorithm", "model")))
-    algorithm = config.algorithm
+    state = load_checkpoint(path, required=_REQUIRED)
+    algorithm = _run_config(path, state).algorithm
     if algorithm.entry.problems != "optimizees":
         raise CheckpointError(f"checkpoint {path} is of a {algorithm.name!r} run, a few-shot learner, not a learned "
                               "optimizer; load it with metaopt.load_run")
     with torch.random.fork_rng(devices=[]):  # the weights are overwritten
         built = algorithm.entry.build(algorithm.options, BuildContext(None, None))
     learner = built[0] if isinstance(built, tuple) else built
-    load_weights(learner, path)
+    if not isinstance(learner.rule, rule_class):
+        raise CheckpointError(f"checkpoint {path} holds a {type(learner.rule).__name__} rule, not an "
+                              f"{rule_class.__name__}")
+    _fill(learner, state, path)
     return learner.rule
