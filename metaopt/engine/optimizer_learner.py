@@ -69,6 +69,15 @@ class OptimizerLearner(Learner):
         trajectory = self.inner.unroll(problem, params, steps, start, map_tensors(torch.Tensor.detach, state))
         return self.inner.score(problem, trajectory, [1.0] * steps, track=True), trajectory
 
+    def truncation_loss(self, problem: Optimizee, trajectory: Trajectory, kept: torch.Tensor) -> torch.Tensor:
+        """The loss of :meth:`truncation` over the kept steps only: ``Σ_{t kept} f(θ_t, t)``, differentiable.
+
+        ``kept`` (bool, one entry per step ``start+1..end`` of ``trajectory``) leaves the other steps
+        out of the sum and of its gradient; with none kept the result is a zero without a graph. This is
+        how :class:`metaopt.estimators.truncated.TruncatedBackprop` clips a diverging run's losses.
+        """
+        return self.inner.score(problem, trajectory, [float(k) for k in kept.tolist()], track=False).loss
+
     def meta_loss(self, batch: Optimizee, track_steps: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """The meta-loss Σ_{t=1..horizon} f(θ_t) of one whole run on ``batch`` (one problem), and its mean per step."""
         del track_steps

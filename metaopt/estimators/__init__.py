@@ -5,12 +5,14 @@ from metaopt.estimators.base import Estimate, Estimator
 from metaopt.estimators.es import TruncatedES
 from metaopt.estimators.perturbations import perturbation
 from metaopt.estimators.pes import PES
+from metaopt.estimators.runs import InnerRuns
 from metaopt.estimators.truncated import TruncatedBackprop
 
 __all__ = [
     "Backprop",
     "Estimate",
     "Estimator",
+    "InnerRuns",
     "PES",
     "TruncatedBackprop",
     "TruncatedES",

@@ -1,11 +1,13 @@
 """Antithetic truncated evolution strategies through a learned optimizer's unroll (Metz et al. 2020, §4).
 
 Each call takes one truncation of ``truncation`` steps of every live run (``tasks`` runs, one
-optimizee problem each, the last truncation of a run cut at the learner's ``horizon`` as in
-:class:`metaopt.estimators.truncated.TruncatedBackprop`). For every antithetic pair ``i`` the
-meta-parameters φ are perturbed by ε_i = σ z_i, z_i ~ N(0, I) drawn from the counter-based key
-``(seed, iteration, task, i)`` (:func:`metaopt.estimators.perturbations.perturbation`), and φ + ε_i and
-φ − ε_i each unroll the truncation from the *same* carried inner state. With L̄± the mean loss
+optimizee problem each, the last truncation of a run cut at the run's length as in
+:class:`metaopt.estimators.truncated.TruncatedBackprop`: the learner's ``horizon``, or a length drawn
+per run, and each task's first run may start partway, :mod:`metaopt.estimators.runs`). For every
+antithetic pair ``i`` the meta-parameters φ are perturbed by ε_i = σ z_i, z_i ~ N(0, I) drawn from
+the counter-based key ``(seed, iteration, task, i)``
+(:func:`metaopt.estimators.perturbations.perturbation`), and φ + ε_i and φ − ε_i each unroll the
+truncation from the *same* carried inner state. With L̄± the mean loss
 ``f(θ_t)`` over the truncation's steps, the estimate is
 
     ĝ = mean_i ε_i (L̄⁺_i − L̄⁻_i) / (2σ²) = mean_i z_i (L̄⁺_i − L̄⁻_i) / (2σ),
@@ -20,7 +22,10 @@ Guards: a pair whose loss difference is not finite adds nothing (its particles c
 the reference) and is counted in ``nonfinite_pairs``; entries of the estimate that are not finite
 are set to zero and counted in ``zeroed_grads``; a run whose carried branch is not finite ends, and
 the next call starts the next problem of the stream. The loss is the mean of (L̄⁺ + L̄⁻)/2 over the
-finite pairs (NaN when none is finite: the trainer then skips the update).
+finite pairs (NaN when none is finite: the trainer then skips the update). With ``max_loss`` the
+per-step losses of both branches are clipped before the means are taken (NaN and +inf to
+``max_loss``; :meth:`metaopt.estimators.runs.InnerRuns.clip`) and ``clipped_losses`` counts the
+clipped steps; whether the carried branch diverged is judged on its unclipped losses.
 
 Particles run one after another: :meth:`OptimizerLearner.truncation` takes the optimizee's gradients
 with :func:`torch.autograd.grad`, which :func:`torch.func.vmap` cannot batch, so the pairs are a loop
@@ -59,6 +64,7 @@ from metaopt.engine.inner import Trajectory
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators.base import Estimate, Estimator
 from metaopt.estimators.perturbations import Key, perturbation
+from metaopt.estimators.runs import InnerRuns
 from metaopt.problems.optimizees import Optimizee
 
 __all__ = ["TruncatedES", "perturbed_truncation"]
@@ -90,9 +96,10 @@ def perturbed_truncation(learner: OptimizerLearner, phi: Params, problem: Optimi
 
 
 class _Antithetic(Estimator):
-    """What antithetic ES and PES share: settings, the live runs' problems, guarded gradient writing."""
+    """What antithetic ES and PES share: settings, the live runs' problems and layout, guarded gradient writing."""
 
-    def __init__(self, sigma: float, pairs: int, truncation: int, tasks: int, seed: int) -> None:
+    def __init__(self, sigma: float, pairs: int, truncation: int, tasks: int, seed: int, min_horizon: int | None,
+                 random_offset: bool, max_loss: float | None) -> None:
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
         for name, value in (("pairs", pairs), ("truncation", truncation), ("tasks", tasks)):
@@ -101,8 +108,10 @@ class _Antithetic(Estimator):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.sigma, self.pairs, self.truncation, self.tasks, self.seed = sigma, pairs, truncation, tasks, seed
+        self.runs = InnerRuns(min_horizon, random_offset, max_loss)
         self.started = 0  # problems of the training stream started so far
         self._runs: list[dict[str, Any] | None] = [None] * tasks  # the carried state of each task's live run
+        self._task_runs = [0] * tasks  # runs each task has started: the run index of its draws
         self._problems: dict[int, Optimizee] = {}  # live problems by stream index (rebuilt after a resume)
 
     def _problem(self, problems: Any, index: int, learner: OptimizerLearner) -> Optimizee:
@@ -110,10 +119,17 @@ class _Antithetic(Estimator):
             self._problems[index] = problems.batch(index).to(learner.device)
         return self._problems[index]
 
-    def _start(self, problems: Any, learner: OptimizerLearner) -> tuple[int, Optimizee]:
-        """The next problem of the stream, now live."""
+    def _start(self, problems: Any, learner: OptimizerLearner, task: int) -> tuple[dict[str, Any], Optimizee]:
+        """A new run of ``task`` on the next problem of the stream, now live: its index, first step and length."""
+        step, length = self.runs.begin(learner.horizon, self.seed, task, self._task_runs[task])
         index, self.started = self.started, self.started + 1
-        return index, self._problem(problems, index, learner)
+        self._task_runs[task] += 1
+        return {"problem": index, "step": step, "length": length}, self._problem(problems, index, learner)
+
+    @staticmethod
+    def _resumed(run: dict[str, Any], learner: OptimizerLearner) -> dict[str, Any]:
+        """A carried run on the learner's device; states saved before lengths were drawn last the horizon."""
+        return {"length": learner.horizon, **map_tensors(lambda t: t.to(learner.device), run)}
 
     def _end(self, task: int) -> None:
         run = self._runs[task]
@@ -141,23 +157,27 @@ class _Antithetic(Estimator):
         phi = {name: p.detach() for name, p in learner.named_parameters()}
         return phi, {name: torch.zeros_like(p) for name, p in phi.items()}
 
-    def _finish(self, learner: OptimizerLearner, total: Params, losses: list[float], dropped: int) -> Estimate:
+    def _finish(self, learner: OptimizerLearner, total: Params, losses: list[float], dropped: int,
+                clipped: int) -> Estimate:
         """Write the mean of ``total`` over tasks and pairs as the gradient; the mean loss of the finite pairs."""
         zeroed = self._write(learner, {k: v / (self.tasks * self.pairs) for k, v in total.items()})
         loss = sum(losses) / len(losses) if losses else math.nan
-        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed)})
+        return Estimate(loss, {"loss": loss, "nonfinite_pairs": float(dropped), "zeroed_grads": float(zeroed),
+                               **self.runs.metrics(clipped)})
 
     def settings(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "pairs": self.pairs, "truncation": self.truncation, "tasks": self.tasks,
-                "seed": self.seed}
+                "seed": self.seed, **self.runs.settings()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"started": self.started, "runs": list(self._runs)}
+        return {"started": self.started, "runs": list(self._runs), "task_runs": list(self._task_runs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["runs"]) != self.tasks:
             raise ValueError(f"the state holds {len(state['runs'])} runs, but this estimator has tasks={self.tasks}")
         self.started, self._runs, self._problems = int(state["started"]), list(state["runs"]), {}
+        # states saved before runs were counted per task: their runs drew nothing, so the counts are never read
+        self._task_runs = [int(n) for n in state.get("task_runs", [0] * self.tasks)]
 
 
 class TruncatedES(_Antithetic):
@@ -166,24 +186,29 @@ class TruncatedES(_Antithetic):
     Args:
         sigma: standard deviation σ of the perturbation ε = σ z (the reference: 0.01).
         pairs: antithetic pairs per task, all from the task's carried inner state.
-        truncation: optimizee steps per call (the reference: 20); a run's last truncation is cut at the horizon.
+        truncation: optimizee steps per call (the reference: 20); a run's last truncation is cut at its length.
         tasks: runs unrolled side by side, each its own problem of the stream.
-        seed: first entry of every perturbation key ``(seed, iteration, task, pair)``.
+        seed: first entry of every perturbation key ``(seed, iteration, task, pair)`` and run-draw key
+            ``(seed, task, run)``.
+        min_horizon: draw each run's length log-uniformly in [min_horizon, horizon] (None: the horizon).
+        random_offset: start each task's first run at a uniform step of its length (:mod:`metaopt.estimators.runs`).
+        max_loss: clip the per-step losses of the estimate to this value (None: no clip).
     """
 
     def __init__(self, sigma: float = 0.01, pairs: int = 8, truncation: int = 20, tasks: int = 1,
-                 seed: int = 0) -> None:
-        super().__init__(sigma, pairs, truncation, tasks, seed)
+                 seed: int = 0, min_horizon: int | None = None, random_offset: bool = False,
+                 max_loss: float | None = None) -> None:
+        super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss)
 
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
         del track_steps
         phi, total = self._meta_parameters(learner)
-        losses, dropped = [], 0
+        losses, dropped, clipped = [], 0, 0
         for task in range(self.tasks):
             run = self._live(task, problems, learner)
             problem = self._problem(problems, run["problem"], learner)
-            length = min(self.truncation, learner.horizon - run["step"])
+            length = min(self.truncation, run["length"] - run["step"])
             carried = None
             for key in self._keys(iteration, task):
                 z = perturbation(key, phi)
@@ -192,6 +217,8 @@ class TruncatedES(_Antithetic):
                 minus, _ = perturbed_truncation(learner, {k: phi[k] - self.sigma * z[k] for k in phi}, problem,
                                                 run["params"], run["state"], run["step"], length)
                 carried = (plus, trajectory) if carried is None else carried
+                (plus, plus_clipped), (minus, minus_clipped) = self.runs.clip(plus), self.runs.clip(minus)
+                clipped += int(plus_clipped.sum() + minus_clipped.sum())
                 delta = (plus.mean() - minus.mean()).item()
                 if not math.isfinite(delta):
                     dropped += 1
@@ -200,22 +227,21 @@ class TruncatedES(_Antithetic):
                 for k in total:
                     total[k] += z[k] * (delta / (2 * self.sigma))
             plus, trajectory = carried
-            if bool(torch.isfinite(plus).all()) and run["step"] + length < learner.horizon:
+            if bool(torch.isfinite(plus).all()) and run["step"] + length < run["length"]:
                 self._runs[task] = {**run, "step": run["step"] + length,
                                     **map_tensors(torch.Tensor.detach, {"params": trajectory.params[-1],
                                                                         "state": trajectory.state})}
             else:
                 self._end(task)
-        return self._finish(learner, total, losses, dropped)
+        return self._finish(learner, total, losses, dropped, clipped)
 
     def _live(self, task: int, problems: Any, learner: OptimizerLearner) -> dict[str, Any]:
         """The carried state of ``task``'s run: a fresh run of the next problem when it has none."""
         run = self._runs[task]
         if run is None:
-            index, problem = self._start(problems, learner)
-            run = {"problem": index, "step": 0, "params": problem.init_params(), "state": None}
+            run, problem = self._start(problems, learner, task)
+            run = {**run, "params": problem.init_params(), "state": None}
         else:
-            run = {**run, **map_tensors(lambda t: t.to(learner.device), {"params": run["params"],
-                                                                           "state": run["state"]})}
+            run = self._resumed(run, learner)
         self._runs[task] = run
         return run

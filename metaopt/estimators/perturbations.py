@@ -10,6 +10,10 @@ parameters live, so workers only need to exchange loss differences (as google/le
 distributed ES does; Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative to
 Reinforcement Learning", https://arxiv.org/abs/1703.03864, §2.1 "shared random seeds").
 
+:func:`key_seed` is that hash, for other counter-based draws: a draw of another kind passes its
+own ``stream`` (the :class:`numpy.random.SeedSequence` spawn key), so its seeds never coincide with
+the perturbations' (the run lengths of :mod:`metaopt.estimators.runs` use stream ``(1,)``).
+
 Example:
     >>> import torch
     >>> params = {"w": torch.zeros(2, 3), "b": torch.zeros(())}
@@ -22,15 +26,29 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from metaopt.engine.functional import Params
 
-__all__ = ["Key", "perturbation"]
+__all__ = ["Key", "key_seed", "perturbation"]
 
 #: ``(seed, step, task, pair)``: run seed, meta-update, inner problem of the meta-batch, antithetic pair.
 Key = tuple[int, int, int, int]
+
+
+def key_seed(key: Sequence[int], stream: tuple[int, ...] = ()) -> int:
+    """A 63-bit generator seed, a pure function of ``key`` and ``stream`` (the hash of the module docs).
+
+    Args:
+        key: integers >= 0 (the perturbations': ``(seed, step, task, pair)``).
+        stream: the kind of draw, kept apart from the others by :class:`numpy.random.SeedSequence`'s
+            spawn key; ``()`` for the perturbations.
+    """
+    (state,) = np.random.SeedSequence(list(key), spawn_key=stream).generate_state(1, np.uint64)
+    return int(state) >> 1  # 63 bits: torch.Generator.manual_seed takes a signed 64-bit int
 
 
 def perturbation(key: Key, params: Params) -> Params:
@@ -45,7 +63,6 @@ def perturbation(key: Key, params: Params) -> Params:
     """
     if len(key) != 4 or any(not isinstance(k, int) or k < 0 for k in key):
         raise ValueError(f"a perturbation key is four integers >= 0 (seed, step, task, pair), got {key!r}")
-    (state,) = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)
-    generator = torch.Generator().manual_seed(int(state) >> 1)  # 63 bits: manual_seed takes a signed 64-bit int
+    generator = torch.Generator().manual_seed(key_seed(key))
     return {name: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
             for name, p in params.items()}

@@ -6,7 +6,12 @@ estimators: truncated backpropagation (Andrychowicz et al. 2016), antithetic tru
 PES (Metz et al. 2020; Vicol et al. 2021). Its options inherit :class:`UnrollOptions`, and its
 builder returns :func:`estimator_of` its options. An option the chosen estimator does not read
 is an error: ``sigma`` and ``pairs`` belong to ES and PES, ``second_derivatives`` to
-backpropagation.
+backpropagation. All three read the run layout and loss guard of :mod:`metaopt.estimators.runs`
+(google/learned_optimization's; reference §1.3, §5.2): ``min_horizon`` draws each training run's
+length log-uniformly in [min_horizon, horizon], ``random_offset`` starts each task's first run
+partway so that tasks do not reset in lock-step, and ``max_loss`` clips the per-step inner losses
+the meta-loss uses. The defaults keep every run at ``horizon`` steps from step 0, unclipped.
+Evaluation always runs ``horizon`` steps.
 
 Example:
     >>> estimator_of(UnrollOptions(estimator="pes", sigma=0.01, pairs=4, truncation=10)).settings()
@@ -19,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from metaopt.estimators.base import Estimator
@@ -45,9 +51,20 @@ class UnrollOptions(Options):
         second_derivatives: backpropagate through the optimizee's gradients (backprop only).
         sigma: standard deviation of the ES / PES perturbation (None: 0.01, the reference's).
         pairs: antithetic pairs per meta-update, ES / PES only (None: 8).
+        tasks: runs unrolled side by side, each its own problem, their estimates averaged; ES / PES
+            only (None: 1; the reference's PES example: 16).
+        min_horizon: draw each training run's length log-uniformly in [min_horizon, horizon], a new
+            length per run (None: every run lasts the horizon; the reference: [100, 10000], small
+            scale [50, 500]); must not be below the truncation.
+        random_offset: start each task's first training run at a uniform step of its length (the
+            rule sees the step counter from there), so that tasks do not reset in lock-step (the
+            reference's random initial iteration offset).
+        max_loss: clip every per-step inner loss the meta-loss uses to this value, NaN and inf
+            included, and count the clipped steps (None: no clip; the reference's notebook clips
+            at 3.0).
     """
 
-    positive = ("horizon", "truncation", "sigma", "pairs")
+    positive = ("horizon", "truncation", "sigma", "pairs", "tasks", "min_horizon")
     choices = {"estimator": ESTIMATORS}
     horizon: int = 100
     truncation: int = 20
@@ -55,13 +72,28 @@ class UnrollOptions(Options):
     second_derivatives: bool = False
     sigma: float | None = None
     pairs: int | None = None
+    tasks: int | None = None
+    min_horizon: int | None = None
+    random_offset: bool = False
+    max_loss: float | None = None
 
     def check(self) -> None:
         super().check()
         if self.truncation > self.horizon:
             raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed the horizon ({self.horizon})")
+        if self.min_horizon is not None:
+            if self.min_horizon > self.horizon:
+                raise ConfigError(f"option 'min_horizon' ({self.min_horizon}) must not exceed the horizon "
+                                  f"({self.horizon}): run lengths are drawn in [min_horizon, horizon]; lower "
+                                  "min_horizon or raise horizon")
+            if self.truncation > self.min_horizon:
+                raise ConfigError(f"option 'truncation' ({self.truncation}) must not exceed min_horizon "
+                                  f"({self.min_horizon}), the shortest drawn run: lower truncation or raise "
+                                  "min_horizon")
+        if self.max_loss is not None and not math.isfinite(self.max_loss):
+            raise ConfigError(f"option 'max_loss' must be a finite number (None: no clip), got {self.max_loss}")
         if self.estimator == "backprop":
-            unread = [name for name in ("sigma", "pairs") if getattr(self, name) is not None]
+            unread = [name for name in ("sigma", "pairs", "tasks") if getattr(self, name) is not None]
             if unread:
                 raise ConfigError(f"option {unread[0]!r} belongs to the ES and PES estimators; it does nothing with "
                                   "estimator='backprop': drop it, or pass estimator='es' or 'pes'")
@@ -71,9 +103,12 @@ class UnrollOptions(Options):
 
 
 def estimator_of(options: UnrollOptions) -> Estimator:
-    """The estimator ``options`` choose, with their truncation (and σ and pairs for ES / PES)."""
+    """The estimator ``options`` choose, with their truncation and run layout (and σ and pairs for ES / PES)."""
+    runs = {"min_horizon": options.min_horizon, "random_offset": options.random_offset,
+            "max_loss": options.max_loss}
     if options.estimator == "backprop":
-        return TruncatedBackprop(options.truncation)
+        return TruncatedBackprop(options.truncation, **runs)
     family = TruncatedES if options.estimator == "es" else PES
     return family(sigma=0.01 if options.sigma is None else options.sigma,
-                  pairs=8 if options.pairs is None else options.pairs, truncation=options.truncation)
+                  pairs=8 if options.pairs is None else options.pairs, truncation=options.truncation,
+                  tasks=1 if options.tasks is None else options.tasks, **runs)

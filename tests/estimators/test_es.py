@@ -131,7 +131,7 @@ def test_each_call_unrolls_one_truncation_and_carries_the_positive_branch_of_pai
             assert torch.equal(estimator.state_dict()["runs"][0]["params"]["theta"], params["theta"])
         assert len(plus) == length and math.isfinite(estimate.loss)
         assert estimate.metrics["nonfinite_pairs"] == estimate.metrics["zeroed_grads"] == 0
-    assert estimator.state_dict() == {"started": 1, "runs": [None]}  # the run is over: the next call starts problem 1
+    assert estimator.state_dict() == {"started": 1, "runs": [None], "task_runs": [1]}  # the next call starts problem 1
 
 
 @pytest.mark.parametrize("estimator", [TruncatedES, PES])
@@ -182,7 +182,7 @@ def test_non_finite_pairs_add_nothing_are_counted_and_end_the_run() -> None:
     estimate = estimator.estimate(learner, stream, 0)
     assert math.isnan(estimate.loss) and estimate.metrics["nonfinite_pairs"] == 3
     assert torch.equal(next(learner.parameters()).grad, torch.zeros(()))
-    assert estimator.state_dict() == {"started": 1, "runs": [None]}  # the next call starts the next problem
+    assert estimator.state_dict() == {"started": 1, "runs": [None], "task_runs": [1]}  # the next call: the next problem
 
 
 class Signs(Optimizee):

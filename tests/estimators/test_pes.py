@@ -152,7 +152,7 @@ def test_non_finite_pairs_add_nothing_are_counted_and_end_the_run() -> None:
     estimate = estimator.estimate(learner, OptimizeeStream(NaNQuadratics(dim=3, batch=2), first=0), 0)
     assert math.isnan(estimate.loss) and estimate.metrics["nonfinite_pairs"] == 3
     assert estimate.metrics["zeroed_grads"] == 0 and grad_of(learner) == 0
-    assert estimator.state_dict() == {"started": 1, "runs": [None]}
+    assert estimator.state_dict() == {"started": 1, "runs": [None], "task_runs": [1]}
 
 
 def test_the_trainer_meta_trains_with_pes_and_resumes_exactly(tmp_path) -> None:
