@@ -6,6 +6,9 @@ reader is MNIST's (:mod:`metaopt.datasets.mnist`) told to expect Fashion-MNIST: 
 of structure and counts, and MNIST's files (known by their MD5, or by MNIST's unbalanced classes
 in a full split) refused here, as Fashion-MNIST's are refused in the MNIST folder.
 
+:func:`download_fashion_mnist` fetches missing files from the publisher (or GitHub) and checks
+their MD5 against the published originals, with MNIST's downloader (:func:`metaopt.datasets.mnist.download_idx`).
+
 :class:`FashionMNIST8MLP` is the task family of Metz et al.'s tutorial and baselines
 (google/learned_optimization ``tasks/fixed/image_mlp.py``, ``ImageMLP_FashionMnist8_Relu32``):
 
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,6 +66,7 @@ from metaopt.datasets.mnist import (
     IDXSpec,
     MLPOptimizees,
     MNISTOptimizee,
+    download_idx,
     mlp_shapes,
     read_split,
     seeded_generator,
@@ -76,21 +80,27 @@ __all__ = [
     "FASHION_MNIST",
     "KNOWN_MD5",
     "MAX_LOSS",
+    "MIRRORS",
     "PARTS",
     "SOURCE",
     "FashionMNIST8MLP",
     "FashionMNIST8MLPOptions",
     "FashionMNIST8Optimizee",
     "build_fashion_mnist8_mlp",
+    "download_fashion_mnist",
     "downsample",
+    "haiku_init",
     "load_fashion_mnist",
     "normalize_loss",
+    "part_rows",
 ]
 
 #: where the original files are published (the data home and its download address)
 SOURCE = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 #: MD5 of the original gzipped files, as published in zalandoresearch/fashion-mnist's README
 KNOWN_MD5 = {name: md5 for md5, name in FASHION_MD5.items() if name.endswith(".gz")}
+#: where :func:`download_fashion_mnist` looks, in order: the publisher's address, then the files in its repository
+MIRRORS = (SOURCE, "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
 #: the reference's clip of the loss: 1.5 · ln(number of classes)
 MAX_LOSS = 1.5 * math.log(CLASSES)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": torch.relu, "tanh": torch.tanh,
@@ -110,7 +120,8 @@ def _not_mnist(folder: Path, found: str) -> ValueError:
 
 
 #: what the Fashion-MNIST folder must hold
-FASHION_MNIST = IDXSpec("Fashion-MNIST", "fashion-mnist", _PUT, SOURCE, "", MNIST_MD5, "MNIST", _not_mnist,
+FASHION_MNIST = IDXSpec("Fashion-MNIST", "fashion-mnist", _PUT, SOURCE, "metaopt.datasets.fashion_mnist."
+                        "download_fashion_mnist(root) fetches them when online", MNIST_MD5, "MNIST", _not_mnist,
                         balanced=True)
 
 
@@ -124,6 +135,15 @@ def load_fashion_mnist(root: str | os.PathLike | None = None,
     """
     images, labels = read_split(root, split, FASHION_MNIST)
     return torch.from_numpy(images.astype(np.float32) / 255), torch.from_numpy(labels.astype(np.int64))
+
+
+def download_fashion_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str] = MIRRORS) -> Path:
+    """Download the missing Fashion-MNIST files into ``root`` (default ``$METAOPT_DATA/fashion-mnist``), return it.
+
+    MNIST's downloader (:func:`metaopt.datasets.mnist.download_idx`): each file is tried at each
+    mirror, checked against the published MD5 (:data:`KNOWN_MD5`) and renamed into place only then.
+    """
+    return download_idx(FASHION_MNIST, KNOWN_MD5, root, mirrors)
 
 
 def downsample(images: torch.Tensor, size: int = 8) -> torch.Tensor:
@@ -144,9 +164,48 @@ def downsample(images: torch.Tensor, size: int = 8) -> torch.Tensor:
     return small.reshape(len(x), size * size) / 255
 
 
-def normalize_loss(loss: torch.Tensor) -> torch.Tensor:
-    """The reference's normalizer: ``loss`` clipped to [0, :data:`MAX_LOSS`], NaN and ±inf mapped to the maximum."""
-    return torch.nan_to_num(loss, nan=MAX_LOSS, posinf=MAX_LOSS, neginf=MAX_LOSS).clamp(0.0, MAX_LOSS)
+def part_rows(part: str, n: int) -> slice:
+    """The rows of :data:`PARTS` ``part`` among the ``n`` images of its file (``PARTS[part][0]``).
+
+    Example:
+        >>> part_rows("inner-valid", 60000)
+        slice(48000, 54000, None)
+    """
+    _, start, stop = PARTS[part]
+    return slice(round(start * n), round(stop * n))
+
+
+def normalize_loss(loss: torch.Tensor, max_loss: float = MAX_LOSS) -> torch.Tensor:
+    """The reference's normalizer: ``loss`` clipped to [0, ``max_loss``], NaN and ±inf mapped to ``max_loss``.
+
+    ``max_loss`` is :data:`MAX_LOSS` (1.5 · ln 10) for 10-class cross-entropies, as in the reference.
+    """
+    return torch.nan_to_num(loss, nan=max_loss, posinf=max_loss, neginf=max_loss).clamp(0.0, max_loss)
+
+
+def haiku_init(shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: torch.dtype = torch.float32,
+               ) -> dict[str, torch.Tensor]:
+    """haiku's default ``Linear`` / ``ConvND`` init of the parameters ``shapes``, generator ``(seed, 0)``.
+
+    Weights (PyTorch layout, ``[out, in, ...]``) from N(0, 1/fan_in) truncated at ±2 std, ``fan_in``
+    the product of all but the first dimension (haiku's ``TruncatedNormal(1 / sqrt(fan_in))``);
+    biases (names ending in ``.bias``) zero. Drawn in the order of ``shapes``.
+
+    Example:
+        >>> params = haiku_init({"fc1.weight": (3, 4), "fc1.bias": (3,)}, seed=0)
+        >>> bool(params["fc1.weight"].abs().max() <= 2 * 4 ** -0.5), params["fc1.bias"].tolist()
+        (True, [0.0, 0.0, 0.0])
+    """
+    g = seeded_generator(seed, 0)
+    params = {}
+    for name, shape in shapes.items():
+        if name.endswith(".bias"):
+            params[name] = torch.zeros(shape, dtype=dtype)
+            continue
+        std = math.prod(shape[1:]) ** -0.5
+        weight = torch.nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=g)
+        params[name] = weight.to(dtype)
+    return params
 
 
 class FashionMNIST8Optimizee(MNISTOptimizee):
@@ -161,17 +220,8 @@ class FashionMNIST8Optimizee(MNISTOptimizee):
 
     def init_params(self) -> dict[str, torch.Tensor]:
         """haiku's ``Linear`` init, generator seeded by ``seed``: N(0, 1/fan_in) truncated at ±2 std, zero bias."""
-        g = seeded_generator(self.seed, 0)
         family = self.family
-        params = {}
-        for name, shape in mlp_shapes(family.hidden, family.images.shape[1]).items():
-            if name.endswith(".bias"):
-                params[name] = torch.zeros(shape, dtype=family.dtype)
-                continue
-            std = shape[1] ** -0.5
-            weight = torch.nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=g)
-            params[name] = weight.to(family.dtype)
-        return params
+        return haiku_init(mlp_shapes(family.hidden, family.images.shape[1]), self.seed, family.dtype)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Minibatch ``step``: 8x8 images ``[batch, 64]`` in [0, 1] (of the family's dtype) and int64 labels."""
@@ -217,9 +267,8 @@ class FashionMNIST8MLP(MLPOptimizees):
             raise ValueError(f"unknown part {part!r}; choose one of {tuple(PARTS)}")
         if not 1 <= size <= SIDE:
             raise ValueError(f"size must be between 1 and {SIDE}, got {size}")
-        split, start, stop = PARTS[part]
-        images, labels = read_split(root, split, FASHION_MNIST)
-        rows = slice(round(start * len(labels)), round(stop * len(labels)))
+        images, labels = read_split(root, PARTS[part][0], FASHION_MNIST)
+        rows = part_rows(part, len(labels))
         self.keep(downsample(torch.from_numpy(images[rows].copy()), size),  # the IDX arrays are read-only
                   labels[rows], hidden, activation, batch, dtype, f"part {part!r}")
         self.part, self.size = part, size

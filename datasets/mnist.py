@@ -79,9 +79,11 @@ __all__ = [
     "MNISTOptimizee",
     "MNISTOptimizees",
     "build_mnist_mlp",
+    "download_idx",
     "download_mnist",
     "load_mnist",
     "meta_split_indices",
+    "minibatch_rows",
     "mlp_forward",
     "mlp_shapes",
     "read_split",
@@ -266,16 +268,22 @@ def _fetch(address: str, target: Path) -> str:
     return digest.hexdigest()
 
 
-def download_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str] = MIRRORS) -> Path:
-    """Download the missing IDX files into ``root`` (default ``$METAOPT_DATA/mnist``) and return it.
+def download_idx(spec: IDXSpec, md5s: Mapping[str, str], root: str | os.PathLike | None,
+                 mirrors: Sequence[str]) -> Path:
+    """Download the missing files ``md5s`` names of ``spec``'s dataset into ``root`` and return that folder.
 
-    Each file is tried at each mirror in turn, streamed into a temporary file next to its target,
-    checked against the MD5 of the original and only then renamed into place, so an interrupted or
-    wrong download never leaves a file that looks complete.
+    ``root`` defaults to ``$METAOPT_DATA/<spec.folder>``. Each file is tried at each mirror in
+    turn, streamed into a temporary file next to its target, checked against its MD5 in ``md5s``
+    and only then renamed into place, so an interrupted or wrong download never leaves a file that
+    looks complete. Files already there (gzipped or not) are not fetched.
+
+    Raises:
+        FileNotFoundError: a file no mirror served with the right MD5 (offline, or a changed
+            mirror); the message lists each attempt and where to put the files by hand.
     """
-    folder = dataset_root(root, "mnist")
+    folder = dataset_root(root, spec.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, md5 in KNOWN_MD5.items():
+    for name, md5 in md5s.items():
         if _locate(folder, name) is not None:
             continue
         failures = []
@@ -293,8 +301,17 @@ def download_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str]
             finally:
                 tmp.unlink(missing_ok=True)
         else:
-            raise FileNotFoundError(f"could not download {name} ({'; '.join(failures)}). Offline? {_PUT} into {folder}")
+            raise FileNotFoundError(f"could not download {name} ({'; '.join(failures)}). Offline? {spec.put} "
+                                    f"{put_into(spec.folder, folder)}")
     return folder
+
+
+def download_mnist(root: str | os.PathLike | None = None, mirrors: Sequence[str] = MIRRORS) -> Path:
+    """Download the missing MNIST files into ``root`` (default ``$METAOPT_DATA/mnist``) and return it.
+
+    The files are checked against the published MD5s (:data:`KNOWN_MD5`); see :func:`download_idx`.
+    """
+    return download_idx(MNIST, KNOWN_MD5, root, mirrors)
 
 
 def meta_split_indices(n: int, part: str) -> torch.Tensor:
@@ -348,6 +365,24 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def minibatch_rows(n: int, batch: int, step: int, *entropy: int) -> torch.Tensor:
+    """Rows of minibatch ``step`` among ``n`` examples: a slice of a fresh permutation per epoch.
+
+    Epoch ``e``'s permutation is drawn by :func:`seeded_generator` ``(*entropy, e)``; the last
+    incomplete batch of an epoch is dropped, so no example repeats within an epoch.
+
+    Example:
+        >>> first_epoch = torch.cat([minibatch_rows(10, 3, step, 0) for step in range(3)])
+        >>> len(set(first_epoch.tolist())), minibatch_rows(10, 3, 3, 0).shape  # 9 distinct rows, then epoch 1
+        (9, torch.Size([3]))
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    epoch, position = divmod(step, n // batch)
+    order = torch.randperm(n, generator=seeded_generator(*entropy, epoch))
+    return order[position * batch : (position + 1) * batch]
+
+
 class MNISTOptimizee(Optimizee):
     """One MNIST problem: an MLP initialised from ``seed`` and its minibatch losses.
 
@@ -369,13 +404,7 @@ class MNISTOptimizee(Optimizee):
 
     def batch_rows(self, step: int) -> torch.Tensor:
         """Rows of the family's images in minibatch ``step``: a slice of a per-epoch permutation."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        family = self.family
-        per_epoch = len(family.labels) // family.batch
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(len(family.labels), generator=seeded_generator(self.seed, 1, epoch))
-        return order[position * family.batch : (position + 1) * family.batch]
+        return minibatch_rows(len(self.family.labels), self.family.batch, step, self.seed, 1)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Minibatch ``step``: images ``[batch, 784]`` in [0, 1] (of the family's dtype) and int64 labels."""

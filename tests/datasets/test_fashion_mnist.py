@@ -20,6 +20,7 @@ from metaopt.datasets.fashion_mnist import (
     FashionMNIST8MLP,
     FashionMNIST8MLPOptions,
     build_fashion_mnist8_mlp,
+    download_fashion_mnist,
     downsample,
     load_fashion_mnist,
     normalize_loss,
@@ -28,7 +29,7 @@ from metaopt.evaluation.tuned_baselines import run_optimizer
 from metaopt.problems.optimizees import Optimizee, OptimizeeFamily, OptimizeeStream
 from metaopt.registry import entry
 from metaopt.training.config import Section
-from tests.datasets.test_mnist import _fake_split, _idx_bytes, _write, _write_mnist
+from tests.datasets.test_mnist import _fake_split, _idx_bytes, _serve, _write, _write_mnist
 
 DATA = os.environ.get("METAOPT_DATA")
 FASHION = Path(DATA, "fashion-mnist") if DATA else None
@@ -64,7 +65,8 @@ def test_missing_file_names_files_and_folder(fake: Path, monkeypatch: pytest.Mon
                "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
                f"t10k-labels-idx1-ubyte.gz from {fashion_mnist.SOURCE} (github.com/zalandoresearch/fashion-mnist) "
                f"into {fake} (the fashion-mnist/ folder under $METAOPT_DATA, or under --data-root / data_root when "
-               "given)")
+               "given); from Python, metaopt.datasets.fashion_mnist.download_fashion_mnist(root) fetches them when "
+               "online")
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
         load_fashion_mnist(fake, split="test")
     monkeypatch.setenv("METAOPT_DATA", str(fake.parent))
@@ -120,6 +122,46 @@ def test_real_files() -> None:
     assert torch.bincount(load_fashion_mnist(split="test")[1]).tolist() == [1000] * 10
     assert {hashlib.md5((FASHION / n).read_bytes()).hexdigest() for n in fashion_mnist.KNOWN_MD5} == set(
         fashion_mnist.KNOWN_MD5.values())
+
+
+# --- download (no network: urlopen serves generated files) ------------------------------------------------------
+
+
+def test_download_fetches_the_missing_files_and_checks_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source"
+    _write_mnist(source)
+    files = {p.name: p.read_bytes() for p in source.iterdir()}
+    monkeypatch.setattr(fashion_mnist, "KNOWN_MD5", {name: hashlib.md5(raw).hexdigest() for name, raw in files.items()})
+    monkeypatch.setenv("METAOPT_DATA", str(tmp_path / "data"))
+    target = tmp_path / "data" / "fashion-mnist"
+    target.mkdir(parents=True)
+    (target / "train-labels-idx1-ubyte.gz").write_bytes(files["train-labels-idx1-ubyte.gz"])
+    asked = _serve(monkeypatch, files, down=(fashion_mnist.SOURCE,))
+    assert download_fashion_mnist() == target
+    assert len(asked) == 6 and not any("train-labels" in a for a in asked), "present files are not fetched"
+    assert all(a.startswith(fashion_mnist.MIRRORS[1]) for a in asked[1::2]), "the second mirror after the first"
+    assert sorted(p.name for p in target.iterdir()) == sorted(files), "no temporary files are left"
+    assert load_fashion_mnist(split="test")[0].shape == (60, 784)
+
+
+def test_download_refuses_a_wrong_checksum_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _serve(monkeypatch, {"train-images-idx3-ubyte.gz": gzip.compress(b"not the published file")})
+    md5 = fashion_mnist.KNOWN_MD5["train-images-idx3-ubyte.gz"]
+    with pytest.raises(FileNotFoundError, match=f"MD5 .*, not the original's {md5}.*Offline\\? put "):
+        download_fashion_mnist(tmp_path, mirrors=("http://mirror/",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_offline_says_where_the_files_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _serve(monkeypatch, {}, down=("http",))
+    with pytest.raises(FileNotFoundError) as error:
+        download_fashion_mnist(tmp_path / "fashion-mnist")
+    message = str(error.value)
+    assert message.startswith(f"could not download train-images-idx3-ubyte.gz ({fashion_mnist.SOURCE}"
+                              "train-images-idx3-ubyte.gz: <urlopen error [Errno -3] Temporary failure")
+    assert message.endswith(f"Offline? {fashion_mnist._PUT} into {tmp_path / 'fashion-mnist'} (the fashion-mnist/ "
+                            "folder under $METAOPT_DATA, or under --data-root / data_root when given)")
+    assert list((tmp_path / "fashion-mnist").iterdir()) == []
 
 
 # --- 8x8 images, the family --------------------------------------------------------------------------------------
