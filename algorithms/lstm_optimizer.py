@@ -201,6 +201,10 @@ class LSTMOptimizerRule(UpdateRule):
         update, state = self.update(flatten({name: grads[name] for name in params}), state)
         return unflatten(flatten(params) + update, params), state
 
+    def optimizer(self, params: Iterable[torch.Tensor], lr: float = 1.0) -> LearnedOptimizer:
+        """This rule as a :class:`LearnedOptimizer` of ``params``, its step scaled by ``lr``."""
+        return LearnedOptimizer(params, rule=self, lr=lr)
+
     def extra_repr(self) -> str:
         return f"preprocessing={self.preprocessing}, p={self.p}, output_scale={self.output_scale}"
 
@@ -262,8 +266,9 @@ class LearnedOptimizer(RuleOptimizer):
         elif source == "pretrained":
             self.rule = self.placed(LSTMOptimizerRule.pretrained(pretrained))
 
-    def apply(self, scaled: list[tuple[torch.Tensor, float]]) -> None:
+    def apply(self, scaled: list[tuple[torch.Tensor, float]], loss: torch.Tensor | None) -> None:
         """One run of the rule on all the coordinates of ``scaled`` as one batch; each update scaled by its ``lr``."""
+        del loss  # the rule does not read the loss
         params = [p for p, _ in scaled]
         for p in params:
             if not self.state[p]:

@@ -71,7 +71,8 @@ from metaopt.estimators.unroll_options import UnrollOptions, estimator_of
 from metaopt.registry import BuildContext, register_algorithm
 from metaopt.training.experiment import load_rule
 
-__all__ = ["DECAYS", "INPUTS", "TIMESCALES", "MLPLOptOptions", "MLPLOptRule", "MLPLOptimizer", "build_mlp_lopt"]
+__all__ = ["DECAYS", "INPUTS", "TIMESCALES", "MLPLOptOptions", "MLPLOptRule", "MLPLOptimizer", "build_mlp_lopt",
+           "haiku_linear", "haiku_mlp", "second_moment_normalize"]
 
 #: The momentum decays, one accumulator each (the reference's ``decays``).
 DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -79,6 +80,28 @@ DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 #: Inputs per coordinate: g, p, the momenta, the step features.
 INPUTS = 2 + len(DECAYS) + len(TIMESCALES)
+
+
+def haiku_linear(fan_in: int, fan_out: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """A linear layer initialised as haiku's ``Linear``: weights N(0, 1/fan_in) truncated at ±2 std, zero bias."""
+    linear = nn.utils.skip_init(nn.Linear, fan_in, fan_out)  # haiku's init below, not torch's
+    std = 1 / math.sqrt(fan_in)
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def haiku_mlp(widths: Sequence[int], generator: torch.Generator | None = None) -> nn.Sequential:
+    """haiku's ``nets.MLP``: :func:`haiku_linear` layers of ``widths`` with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [haiku_linear(fan_in, fan_out, generator), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def second_moment_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Every column of ``x`` ``[rows, columns]`` scaled by ``rsqrt(1e-5 + mean(column²))`` (the reference's)."""
+    return x * torch.rsqrt(1e-5 + x.square().mean(dim=0, keepdim=True))
 
 
 class MLPLOptRule(UpdateRule):
@@ -99,15 +122,7 @@ class MLPLOptRule(UpdateRule):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.exp_mult, self.step_mult = exp_mult, step_mult
-        widths = [INPUTS] + [hidden_size] * hidden_layers + [2]
-        layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            linear = nn.utils.skip_init(nn.Linear, fan_in, fan_out)  # haiku's init below, not torch's
-            std = 1 / math.sqrt(fan_in)
-            nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
-            nn.init.zeros_(linear.bias)
-            layers += [linear, nn.ReLU()]
-        self.mlp = nn.Sequential(*layers[:-1])
+        self.mlp = haiku_mlp([INPUTS] + [hidden_size] * hidden_layers + [2], generator)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> MLPLOptRule:
@@ -129,7 +144,7 @@ class MLPLOptRule(UpdateRule):
                  step: int | torch.Tensor) -> torch.Tensor:
         """The 19 inputs of every coordinate of one tensor, ``[numel, 19]``, from its updated ``momenta``."""
         x = torch.cat([grad.reshape(-1, 1), param.reshape(-1, 1), momenta.reshape(-1, len(DECAYS))], dim=1)
-        x = x * torch.rsqrt(1e-5 + x.square().mean(dim=0, keepdim=True))  # each input over the tensor
+        x = second_moment_normalize(x)  # each input over the tensor
         t = torch.as_tensor(step, device=param.device).to(param.dtype)
         timescales = torch.tensor(TIMESCALES, dtype=param.dtype, device=param.device)
         return torch.cat([x, torch.tanh(t / timescales - 1).expand(x.shape[0], -1)], dim=1)
@@ -161,6 +176,10 @@ class MLPLOptRule(UpdateRule):
         steps = self.steps([(p, grads[name], momenta[name], state["step"]) for name, p in params.items()])
         return ({name: p - s for (name, p), s in zip(params.items(), steps)},
                 {"momenta": momenta, "step": state["step"] + 1})
+
+    def optimizer(self, params: Iterable[torch.Tensor], lr: float = 1.0) -> MLPLOptimizer:
+        """This rule as a :class:`MLPLOptimizer` of ``params``, its step scaled by ``lr``."""
+        return MLPLOptimizer(params, rule=self, lr=lr)
 
     def extra_repr(self) -> str:
         return f"exp_mult={self.exp_mult:g}, step_mult={self.step_mult:g}"
@@ -203,8 +222,9 @@ class MLPLOptimizer(RuleOptimizer):
         if rule is None:
             self.rule = self.placed(MLPLOptRule.from_checkpoint(checkpoint))
 
-    def apply(self, scaled: list[tuple[torch.Tensor, float]]) -> None:
+    def apply(self, scaled: list[tuple[torch.Tensor, float]], loss: torch.Tensor | None) -> None:
         """The rule's step of every tensor of ``scaled`` (one batch through the MLP), each scaled by its ``lr``."""
+        del loss  # the rule does not read the loss
         for p, _ in scaled:
             if not self.state[p]:
                 self.state[p] = {"step": 0, "momenta": self.rule.init({"p": p})["momenta"]["p"]}

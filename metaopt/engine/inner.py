@@ -9,7 +9,9 @@ and :meth:`InnerLoop.score` weighs the outer losses of the parameters it produce
 optimizer: every step, Andrychowicz et al. 2016, §2). Only the parameters named in ``adapted``
 move; the others are used as they are (ANIL adapts the head only). ``first_order`` treats the inner
 gradients as constants; it is the only difference between MAML and first-order MAML, and the
-Andrychowicz et al. optimizer's choice. A truncated unroll starts at ``start`` from a carried rule
+Andrychowicz et al. optimizer's choice. A rule that reads validation losses (``rule.validation_every
+= k``) gets the problem's validation loss after every ``k``-th step (:meth:`UpdateRule.validate`,
+detached). A truncated unroll starts at ``start`` from a carried rule
 state and continues where the previous truncation stopped.
 
 Gradients are taken in one of three ways: with :func:`torch.autograd.grad` (differentiable,
@@ -161,6 +163,12 @@ class InnerLoop:
         with inner_step(t):
             gradients, loss = grad_fn(problem, fast, fixed, t)
         fast, state = self.rule.step(fast, gradients, state, StepInfo(t, loss.detach()))
+        every = self.rule.validation_every
+        if every and (t + 1) % every == 0:
+            with torch.no_grad():
+                valid = problem.validation_loss({**fixed, **fast}, t)
+            if valid is not None:
+                state = self.rule.validate(state, valid.detach())
         return fast, state, loss
 
     def _autograd_grads(self, problem: Problem, fast: Params, fixed: Params, t: int) -> tuple[Params, torch.Tensor]:

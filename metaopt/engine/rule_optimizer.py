@@ -11,7 +11,7 @@ gradient (the rule runs without autograd and is never trained here).
 Example:
     >>> import torch
     >>> class HalfGradient(RuleOptimizer):
-    ...     def apply(self, scaled):
+    ...     def apply(self, scaled, loss):
     ...         for p, lr in scaled:
     ...             add_update(p, -0.5 * p.grad, lr)
     >>> w = torch.nn.Parameter(torch.ones(2))
@@ -94,18 +94,29 @@ class RuleOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("lr", 1.0)
 
-    def apply(self, scaled: list[tuple[torch.Tensor, float]]) -> None:
-        """Update in place each parameter of ``scaled`` (those with a gradient), with its group's ``lr``."""
+    def apply(self, scaled: list[tuple[torch.Tensor, float]], loss: torch.Tensor | None) -> None:
+        """Update in place each parameter of ``scaled`` (those with a gradient), with its group's ``lr``.
+
+        ``loss`` is the loss whose gradients the parameters hold, when the caller gave it (rules that
+        read the loss use it; the others ignore it).
+        """
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Update every parameter that has a gradient; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             loss: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """Update every parameter that has a gradient; ``closure`` re-evaluates the loss (returned, as in torch.optim).
+
+        Rules that read the loss get the closure's, or ``loss`` when the gradients were taken outside
+        (``loss.backward(); opt.step(loss=loss)``); giving both is an error.
+        """
+        if closure is not None and loss is not None:
+            raise ValueError("give step() a closure or a loss, not both: the closure's loss is the one the rule reads")
+        returned = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                loss = returned = closure()
         scaled = [(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if scaled:
-            self.apply(scaled)
-        return loss
+            self.apply(scaled, None if loss is None else torch.as_tensor(loss).detach())
+        return returned

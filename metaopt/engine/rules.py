@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,15 @@ class StepInfo:
 
 
 class UpdateRule(nn.Module):
-    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, info)``."""
+    """Base class of update rules ``θ_{t+1}, s_{t+1} = step(θ_t, ∇L_in(θ_t), s_t, info)``.
+
+    Attributes:
+        validation_every: a rule that reads validation losses sets it to ``k``: the inner loop then
+            calls :meth:`validate` after every ``k``-th step with the problem's validation loss
+            (where the problem has one). 0: the rule reads none.
+    """
+
+    validation_every: int = 0
 
     def init(self, params: Params) -> Any:
         """The rule's state before the first inner step (stateless rules return ``()``)."""
@@ -105,6 +113,19 @@ class UpdateRule(nn.Module):
 
     def step(self, params: Params, grads: Params, state: Any, info: StepInfo) -> tuple[Params, Any]:
         raise NotImplementedError
+
+    def validate(self, state: Any, loss: torch.Tensor) -> Any:
+        """The state after seeing the validation loss ``loss`` (detached); the parameters do not move."""
+        raise NotImplementedError(f"{type(self).__name__} reads no validation losses (validation_every = 0)")
+
+    def optimizer(self, params: Iterable[torch.Tensor], lr: float = 1.0) -> torch.optim.Optimizer:
+        """The trained rule as a ``torch.optim`` optimizer of ``params``, its step scaled by ``lr``.
+
+        Learned rules implement it (their :class:`metaopt.engine.rule_optimizer.RuleOptimizer`); it is how
+        a trained learned optimizer becomes the meta-optimizer of another run.
+        """
+        del params, lr
+        raise NotImplementedError(f"{type(self).__name__} is not a learned optimizer with a torch.optim interface")
 
     def logged(self) -> dict[str, float]:
         """Scalar figures of the rule the trainer logs with every record (tag -> value), e.g. a learned rate."""

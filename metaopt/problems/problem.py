@@ -48,3 +48,13 @@ class Problem:
         """The scalar outer loss of the parameters after ``step`` inner steps, and its accuracy (detached),
         for problems that have one (classification), else ``None``."""
         raise NotImplementedError
+
+    def validation_loss(self, params: Params, step: int) -> torch.Tensor | None:
+        """The loss of ``params`` on held-out data at step ``step`` (which picks the minibatch), or ``None``.
+
+        Update rules that read validation losses (the hierarchical optimizer of Metz et al. 2020,
+        §3.1) get it every ``rule.validation_every`` inner steps; problems without held-out data
+        return ``None`` (the default).
+        """
+        del params, step
+        return None

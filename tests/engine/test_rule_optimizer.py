@@ -11,7 +11,7 @@ from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, check_multi
 class MinusGradient(RuleOptimizer):
     """The oracle rule: the update is -grad, so lr is plain SGD's learning rate."""
 
-    def apply(self, scaled):
+    def apply(self, scaled, loss):
         for p, lr in scaled:
             add_update(p, -p.grad, lr)
             self.state[p]["step"] = self.state[p].get("step", 0) + 1
