@@ -153,6 +153,16 @@ def _parts(raw: dict[str, Any]) -> dict[str, Section | None]:
             for section, kind in _SECTIONS.items()}
 
 
+def _reference_point(text: str) -> tuple[int, float]:
+    """``ITERATION=VALUE`` as ``(iteration, value)``."""
+    try:
+        iteration, value = text.split("=")
+        return int(iteration), float(value)
+    except ValueError:
+        message = f"a reference point is ITERATION=VALUE, e.g. 1000=0.976; got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -185,6 +195,9 @@ _COMMANDS: dict[str, tuple[str, str, list[tuple[tuple[str, ...], dict[str, Any]]
                                   "help": "chart file to write (default: compare.png)"}),
                     (("--metric",), {"help": "validation figure to plot, e.g. val/accuracy (default: the first run's, "
                                              "val/mse or val/accuracy)"}),
+                    (("--reference",), {"nargs": "+", "type": _reference_point, "metavar": "ITERATION=VALUE",
+                                        "help": "published values of the metric to mark on the chart, e.g. "
+                                                "100=1.906 300=1.344 1000=0.976"}),
                 ]),
     "bench": ("measure meta-training speed, memory and operator counts",
               "Markdown tables of tasks/s and peak memory (loop, vmap, higher, learn2learn when importable, against a "
@@ -343,7 +356,7 @@ def _compare(args: argparse.Namespace) -> int:
         finally:  # before the error that no run is left
             for warning in left_out:
                 print(f"metaopt compare: warning: {warning.message}", file=sys.stderr)
-    plot_runs(runs, args.out, args.metric)
+    plot_runs(runs, args.out, args.metric, reference=dict(args.reference or ()))
     print(markdown_table(runs))
     print(f"chart written to {args.out}")
     return 0

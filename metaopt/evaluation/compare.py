@@ -299,7 +299,8 @@ def _chosen_metric(runs: Sequence[Run], metric: str | None) -> str:
     return metric
 
 
-def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None, clock: str = "wall") -> Figure:
+def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None, clock: str = "wall",
+              reference: Mapping[int, float] | None = None, reference_label: str = "reference") -> Figure:
     """Draw the runs' curves and write the chart to ``out`` as a PNG (rendered by Agg, without pyplot).
 
     Args:
@@ -308,6 +309,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None, c
         metric: validation figure to plot, e.g. ``"val/accuracy"`` (default: the first run's).
         clock: the time axis: ``"wall"`` training time, or ``"cpu"`` training CPU time (for runs
             that shared a machine under CPU-time budgets).
+        reference: published values of ``metric`` by iteration, drawn as points on the by-iteration panel.
+        reference_label: their legend entry.
 
     Returns:
         The figure: validation ``metric`` against iteration (shaded: 95% interval) and against
@@ -340,6 +343,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path, metric: str | None = None, c
         by_time.plot([r[time_key] / 60 for r in timed], [r[metric] for r in timed], marker=".", color=colour)
         losses = [r for r in run.records if r.get("train/loss") is not None]
         by_loss.plot([r["iteration"] for r in losses], [r["train/loss"] for r in losses], color=colour)
+    if reference:
+        by_iteration.plot(list(reference), list(reference.values()), "k*", markersize=10, label=reference_label)
     by_iteration.set(xlabel="iteration", ylabel=metric, title=f"{metric} (95% interval) by iteration")
     label = "training CPU time" if clock == "cpu" else "training time"
     by_time.set(xlabel=f"{label} (min)", ylabel=metric, title=f"{metric} by {label}")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.evaluation.evaluate import confidence_interval
 from metaopt.problems.optimizees import TUNING_OFFSET, Optimizee
@@ -48,7 +49,7 @@ CRITERIA = ("final", "sum")
 
 
 def run_optimizer(factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer], problem: Optimizee,
-                  steps: int) -> torch.Tensor:
+                  steps: int, checkpoints: Sequence[int] = ()) -> torch.Tensor | tuple[torch.Tensor, list[Params]]:
     """The losses ``f(θ_0, 0), ..., f(θ_steps, steps)`` (``[steps + 1]``) of a ``torch.optim`` optimizer on ``problem``.
 
     Args:
@@ -56,12 +57,19 @@ def run_optimizer(factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
             the plain ``zero_grad / backward / step`` loop on leaf copies of ``problem.init_params()``.
         problem: the optimizee.
         steps: optimizer steps.
+        checkpoints: steps ``t`` whose parameters θ_t to return too (detached copies), e.g. to score
+            them on held-out data; then the result is ``(losses, [θ_t for t in checkpoints])``.
     """
+    if any(not 0 <= t <= steps for t in checkpoints):
+        raise ValueError(f"checkpoints must be steps in [0, {steps}], got {tuple(checkpoints)}")
+    kept: dict[int, Params] = {}
     losses = []
     with torch.enable_grad():
         params = {name: p.detach().clone().requires_grad_() for name, p in problem.init_params().items()}
         opt = factory(list(params.values()))
         for t in range(steps):
+            if t in checkpoints:
+                kept[t] = {name: p.detach().clone() for name, p in params.items()}
             opt.zero_grad()
             loss = problem.loss(params, t)
             losses.append(loss.detach())
@@ -69,7 +77,10 @@ def run_optimizer(factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
             opt.step()
     with torch.no_grad():
         losses.append(problem.loss(params, steps))
-    return torch.stack(losses)
+    if not checkpoints:
+        return torch.stack(losses)
+    kept[steps] = {name: p.detach().clone() for name, p in params.items()}
+    return torch.stack(losses), [kept[t] for t in checkpoints]
 
 
 def tune_learning_rate(factory: Callable[..., torch.optim.Optimizer], problems: Sequence[Optimizee], steps: int,

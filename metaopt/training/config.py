@@ -57,8 +57,13 @@ class TrainerConfig(Options):
             alone; validation, checkpoints and logging do not count.
         budget_clock: what time_budget counts: "wall" time, or the "cpu" time of the process (all
             its threads), which runs sharing a machine cannot take from each other.
-        meta_optimizer: "adam" (MAML's) or "sgd".
-        meta_lr: learning rate of the meta-optimizer.
+        meta_optimizer: "adam" (MAML's), "sgd", or "learned": the trained learned optimizer of the
+            run whose checkpoint meta_optimizer_checkpoint names, through its torch.optim interface
+            (Metz et al. 2020, §6: a learned optimizer training learned optimizers).
+        meta_optimizer_checkpoint: best.pt or last.pt of a trained learned-optimizer run, for
+            meta_optimizer="learned" only.
+        meta_lr: learning rate of the meta-optimizer; with meta_optimizer="learned" the multiplier
+            of the learned rule's step (1.0: the rule as trained).
         lr_schedule: "constant", or "cosine" annealing from meta_lr to min_meta_lr over the run's
             epochs, a step per epoch (MAML++'s CA, Antoniou et al. 2019, §4).
         min_meta_lr: the meta learning rate that cosine annealing ends at (MAML++ Omniglot: 1e-5).
@@ -81,7 +86,8 @@ class TrainerConfig(Options):
     iterations: int = 70000
     time_budget: float | None = None
     budget_clock: Literal["wall", "cpu"] = "wall"
-    meta_optimizer: Literal["adam", "sgd"] = "adam"
+    meta_optimizer: Literal["adam", "sgd", "learned"] = "adam"
+    meta_optimizer_checkpoint: str | None = None
     meta_lr: float = 1e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_meta_lr: float = 0.0
@@ -99,6 +105,10 @@ class TrainerConfig(Options):
         super().check()
         if not 0 <= self.min_meta_lr <= self.meta_lr:
             raise ConfigError(f"option 'min_meta_lr' must be in [0, meta_lr={self.meta_lr}], got {self.min_meta_lr}")
+        if (self.meta_optimizer == "learned") != (self.meta_optimizer_checkpoint is not None):
+            raise ConfigError("option 'meta_optimizer_checkpoint' goes with meta_optimizer='learned' and only with it: "
+                              "pass both (--meta-optimizer learned --meta-optimizer-checkpoint RUN/best.pt) or "
+                              "neither")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from metaopt.engine.learner import Learner
+from metaopt.engine.rule_optimizer import RuleOptimizer
 from metaopt.estimators import Backprop, Estimator
 from metaopt.evaluation.evaluate import EvalResult, evaluate
 from metaopt.training.checkpoint import (
@@ -138,10 +139,7 @@ class MetaTrainer:
         self.config = config.trainer if isinstance(config, RunConfig) else config
         self.run_dir = None if run_dir is None else Path(run_dir)
         self._params = [p for p in learner.parameters() if p.requires_grad]
-        if self.config.meta_optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self._params, lr=self.config.meta_lr)
-        else:
-            self.optimizer = torch.optim.SGD(self._params, lr=self.config.meta_lr)
+        self.optimizer = self._meta_optimizer()
         self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
                           if self.config.lr_schedule == "cosine" else None)
         self.iteration = 0
@@ -151,6 +149,17 @@ class MetaTrainer:
         self._saved_iteration: int | None = None
         self._restored = False
         self._stop: int | None = None  # the signal that asked the run to stop
+
+    def _meta_optimizer(self) -> torch.optim.Optimizer:
+        """Adam, SGD, or the learned optimizer of a trained run (the rule's own ``torch.optim`` interface)."""
+        config = self.config
+        if config.meta_optimizer == "adam":
+            return torch.optim.Adam(self._params, lr=config.meta_lr)
+        if config.meta_optimizer == "sgd":
+            return torch.optim.SGD(self._params, lr=config.meta_lr)
+        from metaopt.training.experiment import load_rule  # experiment builds trainers: imported when needed
+
+        return load_rule(config.meta_optimizer_checkpoint).optimizer(self._params, lr=config.meta_lr)
 
     def epoch(self, iteration: int) -> int:
         """The epoch of meta-iteration ``iteration`` (``config.epoch_length`` iterations each)."""
@@ -392,7 +401,10 @@ class MetaTrainer:
         estimate = self.estimator.estimate(self.learner, self.train_problems, self.iteration, track_steps=track_steps)
         grad_norm = self._clip_gradients() if math.isfinite(estimate.loss) else math.nan
         if math.isfinite(grad_norm):
-            self.optimizer.step()
+            if isinstance(self.optimizer, RuleOptimizer):  # a learned meta-optimizer may read the meta-loss
+                self.optimizer.step(loss=estimate.loss)
+            else:
+                self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             self.nonfinite["in_a_row"] = 0

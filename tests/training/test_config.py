@@ -73,8 +73,8 @@ def test_required_options_exist():
     run = {"algorithm", "data", "model", "trainer", "baselines", "seed", "device", "threads"}
     assert run == {f.name for f in dataclasses.fields(RunConfig)}
     trainer = {"meta_lr", "iterations", "grad_clip", "grad_clip_value", "eval_every", "eval_episodes",
-               "test_episodes", "checkpoint_every", "log_every", "max_nonfinite", "meta_optimizer", "time_budget",
-               "budget_clock", "lr_schedule", "min_meta_lr", "epoch_length"}
+               "test_episodes", "checkpoint_every", "log_every", "max_nonfinite", "meta_optimizer",
+               "meta_optimizer_checkpoint", "time_budget", "budget_clock", "lr_schedule", "min_meta_lr", "epoch_length"}
     assert trainer == set(TrainerConfig.field_names())
     assert {"inner_lr", "inner_steps", "eval_inner_steps", "first_order", "adapt", "strategy", "bn_policy",
             "checkpoint_steps", "learn_inner_lr"} == set(entry("algorithm", "maml").options.field_names())
@@ -177,7 +177,7 @@ def test_parts_must_fit_together():
     ({"algorithm": {"bn_policy": "transductive"}},
      "'bn_policy' must be one of \\('batch', 'frozen', 'running', 'support'\\)"),
     ({"trainer": {"meta_optimizer": "adamw"}},
-     "'meta_optimizer' must be one of \\('adam', 'sgd'\\).*did you mean 'adam'"),
+     "'meta_optimizer' must be one of \\('adam', 'sgd', 'learned'\\).*did you mean 'adam'"),
     ({"trainer": {"budget_clock": "gpu"}}, "'budget_clock' must be one of \\('wall', 'cpu'\\)"),
     ({"model": {"name": "conv6"}}, "unknown model 'conv6'"),
     ({"device": "gpu"}, "'device' must be 'auto' or a torch device"),
@@ -279,7 +279,7 @@ def test_adapt_takes_all_head_or_comma_separated_names():
 
 #: The data folder each dataset reads under $METAOPT_DATA (None: generated, needs none).
 DATA_FOLDERS = {"sinusoid": None, "quadratics": None, "omniglot": "omniglot", "mnist-mlp": "mnist",
-                "miniimagenet": "miniimagenet"}
+                "miniimagenet": "miniimagenet", "fashion-mnist8-mlp": "fashion-mnist", "task-suite": "fashion-mnist"}
 
 
 def test_presets_are_listed_and_valid():
@@ -324,7 +324,9 @@ def test_every_preset_builds_its_experiment(name, monkeypatch):
     assert type(learner).__name__ == ("OptimizerLearner" if optimizees else
                                       {"maml": "MAML", "mamlpp": "MAMLPlusPlus", "metasgd": "MetaSGD", "mtnet": "MTNet",
                                        "metalstm": "MetaLSTM", "arml": "ARML"}[config.algorithm.name])
-    assert type(estimator).__name__ == ("TruncatedBackprop" if optimizees else "Backprop")
+    expected = {"backprop": "TruncatedBackprop", "es": "TruncatedES", "pes": "PES"}.get(
+        getattr(config.algorithm.options, "estimator", None), "Backprop")
+    assert type(estimator).__name__ == expected
     assert experiment.device.type == "cpu" and learner.device.type == "cpu"
     assert sum(p.numel() for p in learner.parameters() if p.requires_grad) > 0
     if optimizees:
