@@ -24,6 +24,7 @@ from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.config import RunConfig, Section, load_preset
 from metaopt.training.experiment import build_experiment
 from metaopt.training.trainer import MetaTrainer
+from tests.algorithms.lopt_checks import assert_meta_gradients_match_finite_differences, model_with_every_rank
 
 #: A scalar, a bias, a matrix and a convolution kernel: the tensor ranks the rule must handle.
 SHAPES = {"scale": (), "bias": (5,), "weight": (3, 4), "kernel": (4, 3, 3, 3)}
@@ -59,23 +60,6 @@ def oracle(layers: list[tuple[np.ndarray, np.ndarray]], param: np.ndarray, grads
 
 def linear_layers(rule: MLPLOptRule) -> list[nn.Linear]:
     return [m for m in rule.mlp if isinstance(m, nn.Linear)]
-
-
-def model_with_every_rank() -> nn.Module:
-    """A convolution (rank 4 and 1), a linear layer (rank 2 and 1) and a scalar parameter, in float64."""
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 3)
-            self.head = nn.Linear(8, 1)
-            self.scale = nn.Parameter(torch.tensor(1.5))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.scale * self.head(torch.tanh(self.conv(x)).flatten(1))
-
-    torch.manual_seed(0)
-    return Net().double()
 
 
 def feed(opt: torch.optim.Optimizer, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
@@ -141,27 +125,7 @@ def test_meta_gradients_match_finite_differences_in_float64() -> None:
     rule = MLPLOptRule(generator=torch.Generator().manual_seed(0)).double()
     with torch.no_grad():  # steps large enough that the losses depend visibly on the weights
         linear_layers(rule)[-1].weight.mul_(100.0)
-    learner = OptimizerLearner(rule, horizon=3, first_order=False)
-    problem = Quadratics(dim=4, batch=3, dtype=torch.float64).sample(seed=0)
-    score, _ = learner.truncation(problem, problem.init_params(), None, start=0, steps=3)
-    weights = list(rule.parameters())
-    exact = torch.autograd.grad(score.loss, weights)
-    g, eps = torch.Generator().manual_seed(2), 1e-7  # small: a ReLU kink lies within 1e-5 of these weights
-    for _ in range(3):
-        direction = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in weights]
-        losses = []
-        for sign in (1.0, -1.0):
-            with torch.no_grad():
-                for w, v in zip(weights, direction):
-                    w.add_(sign * eps * v)
-            losses.append(learner.losses(problem, 3)[1:].sum())
-            with torch.no_grad():
-                for w, v in zip(weights, direction):
-                    w.sub_(sign * eps * v)
-        numeric = (losses[0] - losses[1]) / (2 * eps)
-        analytic = sum((e * v).sum() for e, v in zip(exact, direction))
-        assert abs(analytic) > 1e-3
-        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-6)
+    assert_meta_gradients_match_finite_differences(rule)  # eps 1e-7: a ReLU kink lies within 1e-5 of these weights
 
 
 def test_the_torch_optimizer_makes_the_rules_own_steps_on_every_rank() -> None:

@@ -25,6 +25,7 @@ from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.config import RunConfig
 from metaopt.training.experiment import build_experiment
 from metaopt.training.trainer import MetaTrainer
+from tests.algorithms.lopt_checks import assert_meta_gradients_match_finite_differences, model_with_every_rank
 
 #: A scalar, a bias, a matrix and a convolution kernel (in sorted-name order, the reference's ``tree_leaves`` order).
 SHAPES = {"bias": (5,), "kernel": (4, 3, 3, 3), "scale": (), "weight": (3, 4)}
@@ -286,49 +287,11 @@ def test_meta_gradients_match_finite_differences_in_float64() -> None:
         [m for m in rule.mlp if isinstance(m, nn.Linear)][-1].weight.mul_(100.0)
         for name in ("train_loss_feat", "valid_loss_feat"):
             rule.lstm.weight[:, sorted(LSTM_INPUTS).index(name) + 34 - 2].zero_()
-    learner = OptimizerLearner(rule, horizon=3, first_order=False)
-    problem = Quadratics(dim=4, batch=3, dtype=torch.float64).sample(seed=0)
-    score, _ = learner.truncation(problem, problem.init_params(), None, start=0, steps=3)
-    weights = list(rule.parameters())
-    exact = torch.autograd.grad(score.loss, weights)  # every weight is in the graph (none unused)
-    assert all(e.abs().sum() > 0 for e in exact)
-    g, eps = torch.Generator().manual_seed(2), 1e-7
-    for _ in range(3):
-        direction = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in weights]
-        losses = []
-        for sign in (1.0, -1.0):
-            with torch.no_grad():
-                for w, v in zip(weights, direction):
-                    w.add_(sign * eps * v)
-            losses.append(learner.losses(problem, 3)[1:].sum())
-            with torch.no_grad():
-                for w, v in zip(weights, direction):
-                    w.sub_(sign * eps * v)
-        numeric = (losses[0] - losses[1]) / (2 * eps)
-        analytic = sum((e * v).sum() for e, v in zip(exact, direction))
-        assert abs(analytic) > 1e-3
-        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-6)
+    assert_meta_gradients_match_finite_differences(rule)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The torch.optim optimizer.
-
-
-def model_with_every_rank() -> nn.Module:
-    """A convolution (rank 4 and 1), a linear layer (rank 2 and 1) and a scalar parameter, in float64."""
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 3)
-            self.head = nn.Linear(8, 1)
-            self.scale = nn.Parameter(torch.tensor(1.5))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.scale * self.head(torch.tanh(self.conv(x)).flatten(1))
-
-    torch.manual_seed(0)
-    return Net().double()
 
 
 SHARED = ("from_lstm", "train_loss", "valid_loss", "clip", "step")

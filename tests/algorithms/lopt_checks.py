@@ -1,0 +1,54 @@
+"""Checks shared by the learned-optimizer tests: a model of every tensor rank; meta-gradients by differences."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metaopt.datasets.quadratics import Quadratics
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.engine.rules import UpdateRule
+
+
+def model_with_every_rank() -> nn.Module:
+    """A convolution (rank 4 and 1), a linear layer (rank 2 and 1) and a scalar parameter, in float64."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.head = nn.Linear(8, 1)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * self.head(torch.tanh(self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def assert_meta_gradients_match_finite_differences(rule: UpdateRule, eps: float = 1e-7) -> None:
+    """d/dφ Σ_t f(θ_t) of a float64 ``rule`` through a 3-step second-order unroll on a quadratic, against central
+    differences along 3 random directions of all its weights (every weight must be in the graph)."""
+    learner = OptimizerLearner(rule, horizon=3, first_order=False)
+    problem = Quadratics(dim=4, batch=3, dtype=torch.float64).sample(seed=0)
+    score, _ = learner.truncation(problem, problem.init_params(), None, start=0, steps=3)
+    weights = list(rule.parameters())
+    exact = torch.autograd.grad(score.loss, weights)
+    assert all(e.abs().sum() > 0 for e in exact)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        direction = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in weights]
+        losses = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for w, v in zip(weights, direction):
+                    w.add_(sign * eps * v)
+            losses.append(learner.losses(problem, 3)[1:].sum())
+            with torch.no_grad():
+                for w, v in zip(weights, direction):
+                    w.sub_(sign * eps * v)
+        numeric = (losses[0] - losses[1]) / (2 * eps)
+        analytic = sum((e * v).sum() for e, v in zip(exact, direction))
+        assert abs(analytic) > 1e-3
+        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-6)
