@@ -10,7 +10,10 @@ only the rule is meta-learned. :class:`OptimizerLearner` runs that unroll with t
 :class:`metaopt.engine.inner.InnerLoop`: whole (:meth:`~OptimizerLearner.meta_loss`, for
 backpropagation through all ``horizon`` steps), in truncations that carry θ and the rule's state
 (:meth:`~OptimizerLearner.truncation`, for :class:`metaopt.estimators.truncated.TruncatedBackprop`),
-or frozen, to score the rule on held-out problems (:meth:`~OptimizerLearner.losses`).
+or frozen, to score the rule on held-out problems (:meth:`~OptimizerLearner.losses`). The
+evolution-strategies estimators batch their perturbed truncations with :func:`torch.func.vmap`
+through :meth:`~OptimizerLearner.functional_truncation`, which takes the optimizee's gradients with
+:func:`torch.func.grad_and_value` instead of :func:`torch.autograd.grad`.
 
 Example:
     >>> import torch
@@ -68,6 +71,25 @@ class OptimizerLearner(Learner):
         params = {name: p.detach().requires_grad_() for name, p in params.items()}
         trajectory = self.inner.unroll(problem, params, steps, start, map_tensors(torch.Tensor.detach, state))
         return self.inner.score(problem, trajectory, [1.0] * steps, track=True), trajectory
+
+    def init_state(self, params: Params) -> Any:
+        """The rule's state before its first step on ``params``: what a truncation from state ``None`` starts from."""
+        return self.rule.init(params)  # the inner loop adapts every parameter (no ``adapted`` subset)
+
+    def functional_truncation(self, problem: Optimizee, params: Params, state: Any, start: int,
+                              steps: int) -> tuple[torch.Tensor, Params, Any]:
+        """:meth:`truncation`'s steps and losses without :func:`torch.autograd.grad`, so that it runs under ``vmap``.
+
+        The optimizee's gradients come from :func:`torch.func.grad_and_value`
+        (:meth:`InnerLoop.unroll` with ``functional=True``). Returns the losses
+        ``f(θ_{start+1}), ..., f(θ_{start+steps})`` (the step losses of :meth:`truncation`'s score
+        after the first), the last parameters and the rule's state after the last step; ``state``
+        ``None`` starts from :meth:`init_state`. Nothing is differentiable through it: run it under
+        :func:`torch.no_grad` (as :mod:`metaopt.estimators.es` does).
+        """
+        trajectory = self.inner.unroll(problem, params, steps, start, state, functional=True)
+        score = self.inner.score(problem, trajectory, [0.0] * steps, track=True)
+        return score.step_losses[1:], trajectory.params[-1], trajectory.state
 
     def truncation_loss(self, problem: Optimizee, trajectory: Trajectory, kept: torch.Tensor) -> torch.Tensor:
         """The loss of :meth:`truncation` over the kept steps only: ``Σ_{t kept} f(θ_t, t)``, differentiable.

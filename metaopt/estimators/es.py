@@ -27,9 +27,27 @@ per-step losses of both branches are clipped before the means are taken (NaN and
 ``max_loss``; :meth:`metaopt.estimators.runs.InnerRuns.clip`) and ``clipped_losses`` counts the
 clipped steps; whether the carried branch diverged is judged on its unclipped losses.
 
-Particles run one after another: :meth:`OptimizerLearner.truncation` takes the optimizee's gradients
-with :func:`torch.autograd.grad`, which :func:`torch.func.vmap` cannot batch, so the pairs are a loop
-(each branch runs without a graph, under :func:`torch.no_grad`).
+Particles (the 2·pairs perturbed branches of a task) run without a graph, under :func:`torch.no_grad`,
+in one of two ways (:func:`particle_truncations`; both give the same estimate and carried state to
+rounding error):
+
+- **in a loop** (the default, ``vmap=False``): one :meth:`OptimizerLearner.truncation` per particle,
+  whose inner loop takes the optimizee's gradients with :func:`torch.autograd.grad`. Every rule and
+  problem runs this way.
+- **batched** (``vmap=True``; the option ``vmap_particles`` of
+  :class:`metaopt.estimators.unroll_options.UnrollOptions`): the particles' meta-parameters are
+  stacked and all of them take the truncation's steps in one :func:`torch.func.vmap` call of
+  :meth:`OptimizerLearner.functional_truncation` (gradients by :func:`torch.func.grad_and_value`),
+  fewer and larger kernels. ES's particles start from the one carried θ and rule state, which enter
+  unbatched (so the first step's gradient is taken once); a fresh run's rule state, which may depend
+  on φ (a learned initial state), is computed per particle outside ``vmap`` and stacked; PES's
+  particles each stack their own θ and state. Random draws inside the unroll are made once for
+  all particles (``randomness="same"``): the problems here draw their minibatches from generators
+  seeded by the problem and the step, so every particle sees the minibatches the loop shows it;
+  a problem drawing from torch's global generator would give all particles one draw, unlike the loop.
+  A rule or problem that cannot run under ``vmap`` (Python control flow on tensor values, ``.item()``
+  or ``.tolist()``, in-place writes into captured tensors, non-tensor rule states) raises an error
+  that says so and names the fix, ``vmap=False``; nothing falls back silently.
 
 References:
     Metz et al., 2020. Tasks, stability, architecture, and compute: training more effective learned
@@ -54,10 +72,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from metaopt.engine.functional import Params, map_tensors
 from metaopt.engine.inner import Trajectory
@@ -67,20 +88,23 @@ from metaopt.estimators.perturbations import Key, perturbation
 from metaopt.estimators.runs import InnerRuns
 from metaopt.problems.optimizees import Optimizee
 
-__all__ = ["TruncatedES", "perturbed_truncation"]
+__all__ = ["Particle", "TruncatedES", "particle_truncations", "perturbed_truncation"]
 
 
-class _Truncation(nn.Module):
-    """``learner.truncation`` as a module call, so :func:`torch.func.functional_call` can swap φ for it."""
+class _Method(nn.Module):
+    """A method of the learner as a module call, so :func:`torch.func.functional_call` can swap φ for it."""
 
-    def __init__(self, learner: OptimizerLearner) -> None:
+    def __init__(self, learner: OptimizerLearner, method: str) -> None:
         super().__init__()
-        self.learner = learner
+        self.learner, self.method = learner, method
 
-    def forward(self, problem: Optimizee, params: Params, state: Any, start: int,
-                steps: int) -> tuple[torch.Tensor, Trajectory]:
-        score, trajectory = self.learner.truncation(problem, params, state, start, steps)
-        return score.step_losses[1:], trajectory
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.learner, self.method)(*args)
+
+
+def _perturbed(learner: OptimizerLearner, phi: Params, method: str, *args: Any) -> Any:
+    """``learner.<method>(*args)`` with the meta-parameters ``phi`` (by name) in place of the learner's own."""
+    return torch.func.functional_call(_Method(learner, method), {f"learner.{k}": v for k, v in phi.items()}, args)
 
 
 def perturbed_truncation(learner: OptimizerLearner, phi: Params, problem: Optimizee, params: Params, state: Any,
@@ -91,23 +115,97 @@ def perturbed_truncation(learner: OptimizerLearner, phi: Params, problem: Optimi
     f(θ_{start+steps})`` and the trajectory (its last parameters and rule state carry the run on).
     """
     with torch.no_grad():
-        return torch.func.functional_call(_Truncation(learner), {f"learner.{k}": v for k, v in phi.items()},
-                                          (problem, params, state, start, steps))
+        score, trajectory = _perturbed(learner, phi, "truncation", problem, params, state, start, steps)
+    return score.step_losses[1:], trajectory
+
+
+@dataclass(frozen=True)
+class Particle:
+    """What one perturbed branch of a truncation gives: its losses and where it leaves its inner run.
+
+    Attributes:
+        losses: ``f(θ_{start+1}), ..., f(θ_{start+steps})`` (unclipped), ``[steps]``.
+        params: the last parameters θ_{start+steps}, detached.
+        state: the rule's state after the last step, detached.
+    """
+
+    losses: torch.Tensor
+    params: Params
+    state: Any
+
+
+def particle_truncations(learner: OptimizerLearner, phis: Sequence[Params], problem: Optimizee,
+                         starts: Sequence[tuple[Params, Any]], start: int, steps: int,
+                         vmap: bool = False) -> list[Particle]:
+    """``steps`` steps from step ``start`` of every particle ``i``: meta-parameters ``phis[i]``, from ``starts[i]``.
+
+    ``starts[i]`` is the particle's θ and rule state (``None``: a fresh state, :meth:`OptimizerLearner.init_state`
+    under ``phis[i]``). With ``vmap`` all particles run in one :func:`torch.func.vmap` call (module docs); a θ or
+    state that is one and the same object for every particle enters it unbatched. Nothing is differentiable.
+
+    Raises:
+        RuntimeError: with ``vmap``, the rule or the problem cannot run under :func:`torch.func.vmap` (the
+            message quotes the error and names the fix, ``vmap=False``).
+    """
+    if not vmap:
+        particles = []
+        for phi, (params, state) in zip(phis, starts):
+            losses, trajectory = perturbed_truncation(learner, phi, problem, params, state, start, steps)
+            particles.append(Particle(losses, *map_tensors(torch.Tensor.detach,
+                                                           (trajectory.params[-1], trajectory.state))))
+        return particles
+    with torch.no_grad():
+        states = [_perturbed(learner, phi, "init_state", params) if state is None else state
+                  for phi, (params, state) in zip(phis, starts)]
+        inputs, in_dims = zip((_stacked(phis), 0), _batched([params for params, _ in starts]), _batched(states))
+
+        def particle(phi: Params, params: Params, state: Any) -> tuple[torch.Tensor, Params, Any]:
+            return _perturbed(learner, phi, "functional_truncation", problem, params, state, start, steps)
+
+        try:
+            losses, params, state = torch.func.vmap(particle, in_dims=in_dims, randomness="same")(*inputs)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise RuntimeError(
+                f"the particles of {type(learner.rule).__name__} on {type(problem).__name__} could not be batched "
+                f"with torch.func.vmap ({type(error).__name__}: {error}). A rule or problem that branches in Python "
+                "on tensor values, calls .item() or .tolist(), writes in place into tensors it did not create, or "
+                "keeps non-tensor values in its state cannot run under vmap: build the estimator with vmap=False "
+                "(the option vmap_particles=False) to run the particles in a loop") from error
+    return [Particle(*map_tensors(lambda t, i=i: t[i].clone(memory_format=torch.contiguous_format),
+                                  (losses, params, state)))
+            for i in range(len(phis))]
+
+
+def _batched(trees: Sequence[Any]) -> tuple[Any, int | None]:
+    """One ``vmap`` input made of the per-particle ``trees``, and its ``in_dims``.
+
+    The tree itself, unbatched (``None``), when every particle holds the same object; else the
+    trees' tensors stacked along a new leading dimension (``0``).
+    """
+    return (trees[0], None) if all(tree is trees[0] for tree in trees) else (_stacked(trees), 0)
+
+
+def _stacked(trees: Sequence[Any]) -> Any:
+    """The tensors of ``trees`` (of one structure) stacked along a new leading dimension, in one tree."""
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *trees)
 
 
 class _Antithetic(Estimator):
     """What antithetic ES and PES share: settings, the live runs' problems and layout, guarded gradient writing."""
 
     def __init__(self, sigma: float, pairs: int, truncation: int, tasks: int, seed: int, min_horizon: int | None,
-                 random_offset: bool, max_loss: float | None) -> None:
+                 random_offset: bool, max_loss: float | None, vmap: bool) -> None:
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        if not isinstance(vmap, bool):
+            raise ValueError(f"vmap must be True or False (batch the particles with torch.func.vmap), got {vmap!r}")
         for name, value in (("pairs", pairs), ("truncation", truncation), ("tasks", tasks)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.sigma, self.pairs, self.truncation, self.tasks, self.seed = sigma, pairs, truncation, tasks, seed
+        self.vmap = vmap
         self.runs = InnerRuns(min_horizon, random_offset, max_loss)
         self.started = 0  # problems of the training stream started so far
         self._runs: list[dict[str, Any] | None] = [None] * tasks  # the carried state of each task's live run
@@ -140,6 +238,13 @@ class _Antithetic(Estimator):
     def _keys(self, iteration: int, task: int) -> list[Key]:
         return [(self.seed, iteration, task, pair) for pair in range(self.pairs)]
 
+    def _pairs(self, learner: OptimizerLearner, problem: Optimizee, phi: Params, eps: Sequence[Params],
+               starts: Sequence[tuple[Params, Any]], start: int, steps: int) -> list[tuple[Particle, Particle]]:
+        """The branches φ + ε_i and φ − ε_i of every pair ``i``, from ``starts[2i]`` and ``starts[2i + 1]``."""
+        phis = [{k: phi[k] + sign * e[k] for k in phi} for e in eps for sign in (1, -1)]
+        particles = particle_truncations(learner, phis, problem, starts, start, steps, self.vmap)
+        return list(zip(particles[0::2], particles[1::2]))
+
     @staticmethod
     def _write(learner: OptimizerLearner, grads: Params) -> int:
         """Add ``grads`` to the ``.grad`` of ``learner``'s parameters, non-finite entries set to zero; their count."""
@@ -166,8 +271,9 @@ class _Antithetic(Estimator):
                                **self.runs.metrics(clipped)})
 
     def settings(self) -> dict[str, Any]:
+        # vmap only when on: the settings of runs that predate it (and of loop runs) stay as they were
         return {"sigma": self.sigma, "pairs": self.pairs, "truncation": self.truncation, "tasks": self.tasks,
-                "seed": self.seed, **self.runs.settings()}
+                "seed": self.seed, **self.runs.settings(), **({"vmap": True} if self.vmap else {})}
 
     def state_dict(self) -> dict[str, Any]:
         return {"started": self.started, "runs": list(self._runs), "task_runs": list(self._task_runs)}
@@ -193,12 +299,13 @@ class TruncatedES(_Antithetic):
         min_horizon: draw each run's length log-uniformly in [min_horizon, horizon] (None: the horizon).
         random_offset: start each task's first run at a uniform step of its length (:mod:`metaopt.estimators.runs`).
         max_loss: clip the per-step losses of the estimate to this value (None: no clip).
+        vmap: run a task's 2·pairs particles in one :func:`torch.func.vmap` call instead of a loop (module docs).
     """
 
     def __init__(self, sigma: float = 0.01, pairs: int = 8, truncation: int = 20, tasks: int = 1,
                  seed: int = 0, min_horizon: int | None = None, random_offset: bool = False,
-                 max_loss: float | None = None) -> None:
-        super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss)
+                 max_loss: float | None = None, vmap: bool = False) -> None:
+        super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss, vmap)
 
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
@@ -209,15 +316,12 @@ class TruncatedES(_Antithetic):
             run = self._live(task, problems, learner)
             problem = self._problem(problems, run["problem"], learner)
             length = min(self.truncation, run["length"] - run["step"])
-            carried = None
-            for key in self._keys(iteration, task):
-                z = perturbation(key, phi)
-                plus, trajectory = perturbed_truncation(learner, {k: phi[k] + self.sigma * z[k] for k in phi}, problem,
-                                                        run["params"], run["state"], run["step"], length)
-                minus, _ = perturbed_truncation(learner, {k: phi[k] - self.sigma * z[k] for k in phi}, problem,
-                                                run["params"], run["state"], run["step"], length)
-                carried = (plus, trajectory) if carried is None else carried
-                (plus, plus_clipped), (minus, minus_clipped) = self.runs.clip(plus), self.runs.clip(minus)
+            zs = [perturbation(key, phi) for key in self._keys(iteration, task)]
+            eps = [{k: self.sigma * z[k] for k in phi} for z in zs]
+            starts = [(run["params"], run["state"])] * (2 * self.pairs)  # every branch from the carried state
+            branches = self._pairs(learner, problem, phi, eps, starts, run["step"], length)
+            for z, (plus, minus) in zip(zs, branches):
+                (plus, plus_clipped), (minus, minus_clipped) = self.runs.clip(plus.losses), self.runs.clip(minus.losses)
                 clipped += int(plus_clipped.sum() + minus_clipped.sum())
                 delta = (plus.mean() - minus.mean()).item()
                 if not math.isfinite(delta):
@@ -226,11 +330,10 @@ class TruncatedES(_Antithetic):
                 losses.append((plus.mean() + minus.mean()).item() / 2)
                 for k in total:
                     total[k] += z[k] * (delta / (2 * self.sigma))
-            plus, trajectory = carried
-            if bool(torch.isfinite(plus).all()) and run["step"] + length < run["length"]:
-                self._runs[task] = {**run, "step": run["step"] + length,
-                                    **map_tensors(torch.Tensor.detach, {"params": trajectory.params[-1],
-                                                                        "state": trajectory.state})}
+            carried = branches[0][0]  # the positive branch of pair 0
+            if bool(torch.isfinite(carried.losses).all()) and run["step"] + length < run["length"]:
+                self._runs[task] = {**run, "step": run["step"] + length, "params": carried.params,
+                                    "state": carried.state}
             else:
                 self._end(task)
         return self._finish(learner, total, losses, dropped, clipped)

@@ -28,7 +28,12 @@ Guards: as :class:`~metaopt.estimators.es.TruncatedES`: a pair whose loss differ
 nothing and is counted (``nonfinite_pairs``), and its task's runs end; non-finite entries of the
 estimate are set to zero (``zeroed_grads``). With ``max_loss`` every branch's per-step losses are
 clipped before they are summed (``clipped_losses`` counts them), and a task whose unclipped losses are
-not finite ends its runs all the same. Particles run in a loop, for the reason given there.
+not finite ends its runs all the same.
+
+Particles: each segment of a truncation (the steps within one run) runs every pair's two branches,
+from their own θ and rule states, in a loop or, with ``vmap=True`` (the option ``vmap_particles``),
+stacked in one :func:`torch.func.vmap` call (:func:`metaopt.estimators.es.particle_truncations`);
+a truncation straddling a reset is one call per run.
 
 References:
     Vicol, Metz & Sohl-Dickstein, 2021. Unbiased Gradient Estimation in Unrolled Computation Graphs
@@ -56,10 +61,10 @@ from typing import Any
 
 import torch
 
-from metaopt.engine.functional import Params, map_tensors
+from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators.base import Estimate
-from metaopt.estimators.es import _Antithetic, perturbed_truncation
+from metaopt.estimators.es import _Antithetic
 from metaopt.estimators.perturbations import perturbation
 
 __all__ = ["PES"]
@@ -78,12 +83,14 @@ class PES(_Antithetic):
         min_horizon: draw each run's length log-uniformly in [min_horizon, horizon] (None: the horizon).
         random_offset: start each task's first run at a uniform step of its length (:mod:`metaopt.estimators.runs`).
         max_loss: clip the per-step losses of the estimate to this value (None: no clip).
+        vmap: run a task's 2·pairs branches in one :func:`torch.func.vmap` call per run instead of a loop
+            (:mod:`metaopt.estimators.es`).
     """
 
     def __init__(self, sigma: float = 0.01, pairs: int = 8, truncation: int = 10, tasks: int = 1,
                  seed: int = 0, min_horizon: int | None = None, random_offset: bool = False,
-                 max_loss: float | None = None) -> None:
-        super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss)
+                 max_loss: float | None = None, vmap: bool = False) -> None:
+        super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss, vmap)
 
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
@@ -122,19 +129,18 @@ class PES(_Antithetic):
         Returns the number of per-step losses clipped.
         """
         problem = self._problem(problems, run["problem"], learner)
+        starts = [(particle[branch]["params"], particle[branch]["state"])
+                  for particle in run["particles"] for branch in ("plus", "minus")]
+        branches = self._pairs(learner, problem, phi, eps, starts, run["step"], length)
         clipped = 0
-        for pair, (particle, e) in enumerate(zip(run["particles"], eps)):
+        for pair, (particle, e, ends) in enumerate(zip(run["particles"], eps, branches)):
             xi = {k: particle["xi"][k] + e[k] for k in phi}
             delta = 0.0
-            for sign, branch in ((1, "plus"), (-1, "minus")):
-                raw, trajectory = perturbed_truncation(learner, {k: phi[k] + sign * e[k] for k in phi},
-                                                       problem, particle[branch]["params"],
-                                                       particle[branch]["state"], run["step"], length)
-                particle[branch] = map_tensors(torch.Tensor.detach, {"params": trajectory.params[-1],
-                                                                     "state": trajectory.state})
-                step_losses, marked = self.runs.clip(raw)
+            for sign, branch, end in ((1, "plus", ends[0]), (-1, "minus", ends[1])):
+                particle[branch] = {"params": end.params, "state": end.state}
+                step_losses, marked = self.runs.clip(end.losses)
                 clipped += int(marked.sum())
-                diverged[pair] |= not bool(torch.isfinite(raw).all())
+                diverged[pair] |= not bool(torch.isfinite(end.losses).all())
                 sums[pair, (1 - sign) // 2] += step_losses.sum().item()
                 delta += sign * step_losses.sum().item() / self.truncation
             particle["xi"] = xi

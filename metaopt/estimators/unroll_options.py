@@ -11,7 +11,9 @@ backpropagation. All three read the run layout and loss guard of :mod:`metaopt.e
 length log-uniformly in [min_horizon, horizon], ``random_offset`` starts each task's first run
 partway so that tasks do not reset in lock-step, and ``max_loss`` clips the per-step inner losses
 the meta-loss uses. The defaults keep every run at ``horizon`` steps from step 0, unclipped.
-Evaluation always runs ``horizon`` steps.
+Evaluation always runs ``horizon`` steps. ``vmap_particles`` (ES and PES) batches each task's
+perturbed particles in one :func:`torch.func.vmap` call instead of a loop (:mod:`metaopt.estimators.es`):
+the same estimate to rounding error, for rules and problems that can run under ``vmap``.
 
 Example:
     >>> estimator_of(UnrollOptions(estimator="pes", sigma=0.01, pairs=4, truncation=10)).settings()
@@ -25,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from metaopt.estimators.base import Estimator
 from metaopt.estimators.es import TruncatedES
@@ -37,6 +39,8 @@ __all__ = ["ESTIMATORS", "UnrollOptions", "estimator_of"]
 
 #: The estimators a learned optimizer can be trained with, by option value.
 ESTIMATORS = ("backprop", "es", "pes")
+#: The options only ES and PES read (an error with estimator='backprop' unless at their defaults).
+_ANTITHETIC = ("sigma", "pairs", "tasks", "vmap_particles")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class UnrollOptions(Options):
         max_loss: clip every per-step inner loss the meta-loss uses to this value, NaN and inf
             included, and count the clipped steps (None: no clip; the reference's notebook clips
             at 3.0).
+        vmap_particles: run each task's perturbed particles in one torch.func.vmap call instead of a loop, ES /
+            PES only (the same estimate to rounding error; rules and problems with Python control flow on tensor
+            values or .item() calls cannot run so, and say so).
     """
 
     positive = ("horizon", "truncation", "sigma", "pairs", "tasks", "min_horizon")
@@ -76,6 +83,7 @@ class UnrollOptions(Options):
     min_horizon: int | None = None
     random_offset: bool = False
     max_loss: float | None = None
+    vmap_particles: bool = False
 
     def check(self) -> None:
         super().check()
@@ -93,7 +101,7 @@ class UnrollOptions(Options):
         if self.max_loss is not None and not math.isfinite(self.max_loss):
             raise ConfigError(f"option 'max_loss' must be a finite number (None: no clip), got {self.max_loss}")
         if self.estimator == "backprop":
-            unread = [name for name in ("sigma", "pairs", "tasks") if getattr(self, name) is not None]
+            unread = [f.name for f in fields(self) if f.name in _ANTITHETIC and getattr(self, f.name) != f.default]
             if unread:
                 raise ConfigError(f"option {unread[0]!r} belongs to the ES and PES estimators; it does nothing with "
                                   "estimator='backprop': drop it, or pass estimator='es' or 'pes'")
@@ -103,7 +111,7 @@ class UnrollOptions(Options):
 
 
 def estimator_of(options: UnrollOptions) -> Estimator:
-    """The estimator ``options`` choose, with their truncation and run layout (and σ and pairs for ES / PES)."""
+    """The estimator ``options`` choose, with their truncation and run layout (ES / PES: σ, pairs, tasks, vmap)."""
     runs = {"min_horizon": options.min_horizon, "random_offset": options.random_offset,
             "max_loss": options.max_loss}
     if options.estimator == "backprop":
@@ -111,4 +119,4 @@ def estimator_of(options: UnrollOptions) -> Estimator:
     family = TruncatedES if options.estimator == "es" else PES
     return family(sigma=0.01 if options.sigma is None else options.sigma,
                   pairs=8 if options.pairs is None else options.pairs, truncation=options.truncation,
-                  tasks=1 if options.tasks is None else options.tasks, **runs)
+                  tasks=1 if options.tasks is None else options.tasks, vmap=options.vmap_particles, **runs)

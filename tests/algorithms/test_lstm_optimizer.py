@@ -269,7 +269,8 @@ def test_a_rule_loads_from_its_checkpoint_without_the_training_data(tmp_path) ->
 
 
 L2L_OPTIONS = ("horizon", "truncation", "estimator", "second_derivatives", "sigma", "pairs", "tasks", "min_horizon",
-               "random_offset", "max_loss", "preprocessing", "p", "output_scale", "lstm_units", "lstm_layers")
+               "random_offset", "max_loss", "vmap_particles", "preprocessing", "p", "output_scale", "lstm_units",
+               "lstm_layers")
 
 
 def test_registered_options_build_l2l_and_refuse_others() -> None:

@@ -256,7 +256,8 @@ def test_rule_and_checkpoint_exclude_each_other_and_bad_checkpoints_are_named(tm
 
 
 MLP_LOPT_OPTIONS = ("horizon", "truncation", "estimator", "second_derivatives", "sigma", "pairs", "tasks",
-                    "min_horizon", "random_offset", "max_loss", "hidden_size", "hidden_layers", "exp_mult", "step_mult")
+                    "min_horizon", "random_offset", "max_loss", "vmap_particles", "hidden_size", "hidden_layers",
+                    "exp_mult", "step_mult")
 
 
 def test_registered_options_build_the_learner_and_refuse_others() -> None:
