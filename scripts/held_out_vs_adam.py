@@ -42,8 +42,8 @@ def _plot(report: dict, out: Path) -> None:
         low, high = min(adam + learned), max(adam + learned)
         axes.plot([low, high], [low, high], "k--", linewidth=1)
         won = report["horizons"][h]["won"]
-        axes.set(xlabel="tuned Adam train loss", ylabel="learned optimizer train loss", xscale="log", yscale="log",
-                 title=f"step {h}: learned wins {won:.0%} (below the diagonal)")
+        axes.set(xlabel="tuned Adam train loss", ylabel="learned optimizer train loss",
+                 title=f"step {h}: the learned optimizer wins {won:.0%}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     figure.savefig(out, format="png", dpi=100)

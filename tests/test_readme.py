@@ -26,5 +26,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
     assert namespace["fake_batch"].support_x.shape == (4, 5, 1, 28, 28)
     assert type(namespace["trained"]).__name__ == "MAML" and not namespace["trained"].training
     assert namespace["curve"].shape == (100, 1)
+    assert namespace["lopt"].steps == 6  # 5 training steps and a validation batch of the hierarchical optimizer
     losses = namespace["fit_losses"]  # the shipped optimizer fits the toy regression (it once went 6.5 -> 1142)
     assert losses[-1] < 0.01 * losses[0] and namespace["optimizer"].param_groups[0]["lr"] == 0.25

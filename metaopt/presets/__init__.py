@@ -1,8 +1,12 @@
-"""Named experiment configs, one JSON file each (load with :func:`metaopt.config.load_preset`).
+"""Named run configs, one JSON file each (load with :func:`metaopt.training.config.load_preset`).
 
-A preset holds the fields of :class:`metaopt.config.ExperimentConfig` that its paper fixes;
-the others keep their defaults. Adding a benchmark is a JSON file here plus, for a new task
-family, a dataset builder registered in ``metaopt.datasets``.
+A preset is a whole :class:`metaopt.training.config.RunConfig` (every option written out, so
+nothing is left implicit), with the values its paper fixes. Adding a benchmark is a JSON file
+here plus, for a new task family, a dataset builder registered in ``metaopt.datasets``. The
+few-shot presets are listed below; the learned optimizers' are ``l2l-quadratics``, ``l2l-mnist``
+(Andrychowicz et al. 2016), ``mlp-lopt-quadratics``, ``mlp-lopt-fashion-mnist8-50`` (with ``-es``
+and ``-pes``: learned_optimization's ``LOpt_MLPLOpt_FahionMnist_50`` by each estimator) and
+``rnn-mlp-lopt-suite-pes`` (Metz et al. 2020's hierarchical optimizer by PES on the task suite).
 
 =========================  ================================================================
 preset                     settings (source)
