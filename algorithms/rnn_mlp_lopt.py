@@ -35,6 +35,18 @@ loss enters the meta-gradient as a constant (it is detached: the reference diffe
 it under backpropagation, which none of its ES / PES training runs use). Tensors of rank above 4
 are refused (the reference's shape feature has four slots).
 
+Results (paper vs ours; commands and protocol in the README): meta-trained by PES for 30 CPU
+minutes on the task suite's five training families (``metaopt train --preset rnn-mlp-lopt-suite-pes``),
+then on 20 tasks of four held-out families against Adam tuned over 14 learning rates per task:
+
+    ==============================  ==============================  ==============================
+    claim                           paper (thousands of tasks)      metaopt (30 CPU-min, 5 families)
+    ==============================  ==============================  ==============================
+    beats lr-tuned Adam             on most held-out tasks          8/20 at T = 200, 3/20 at 4T
+    speed-up over tuned Adam        > 1 on most tasks               median 0.56 at T, 0.24 at 4T
+    self-training                   comparable to Adam              comparable (best 0.909 vs 0.894)
+    ==============================  ==============================  ==============================
+
 Reference:
     Metz, Maheswaranathan, Freeman, Poole, Sohl-Dickstein, 2020. Tasks, stability, architecture,
     and compute: training more effective learned optimizers, and using them to train themselves.
