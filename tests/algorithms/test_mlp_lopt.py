@@ -3,7 +3,6 @@ formulas, its initialisation, meta-gradients against finite differences, the tor
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 
@@ -24,7 +23,11 @@ from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.config import RunConfig, Section, load_preset
 from metaopt.training.experiment import build_experiment
 from metaopt.training.trainer import MetaTrainer
-from tests.algorithms.lopt_checks import assert_meta_gradients_match_finite_differences, model_with_every_rank
+from tests.algorithms.lopt_checks import (
+    assert_meta_gradients_match_finite_differences,
+    assert_meta_training_halves_the_loss,
+    model_with_every_rank,
+)
 
 #: A scalar, a bias, a matrix and a convolution kernel: the tensor ranks the rule must handle.
 SHAPES = {"scale": (), "bias": (5,), "weight": (3, 4), "kernel": (4, 3, 3, 3)}
@@ -287,20 +290,7 @@ def test_registered_options_build_the_learner_and_refuse_others() -> None:
 def test_meta_training_through_the_trainer_lowers_the_loss_and_the_checkpoint_loads(tmp_path) -> None:
     """The registered algorithm, TruncatedBackprop and MetaTrainer: the trained rule beats its start on held-out
     quadratics; MLPLOptimizer(checkpoint=...) runs the trained rule; another algorithm's checkpoint is refused."""
-    config = RunConfig.from_dict({
-        "data": {"name": "quadratics", "dim": 10, "batch": 8},
-        "algorithm": {"name": "mlp-lopt", "horizon": 20, "truncation": 10},
-        "trainer": {"iterations": 30, "meta_lr": 0.01, "eval_every": 100, "eval_episodes": 1, "checkpoint_every": 100,
-                    "log_every": 10}})
-    experiment = build_experiment(config.replace(device="cpu"))
-    learner, validation = experiment.learner, experiment.problems("val")
-    problems = [validation.batch(i) for i in range(4)]
-    start = copy.deepcopy(learner)
-    MetaTrainer(learner, experiment.problems("train"), config, estimator=experiment.estimator,
-                val_problems=validation, run_dir=tmp_path / "mlp").fit()
-    before = torch.cat([start.evaluate(problem).values for problem in problems]).mean()
-    after = torch.cat([learner.evaluate(problem).values for problem in problems]).mean()
-    assert after < 0.5 * before  # 824 -> 181
+    learner = assert_meta_training_halves_the_loss("mlp-lopt", tmp_path / "mlp")
 
     opt = MLPLOptimizer(torch.nn.Linear(2, 1).parameters(), checkpoint=tmp_path / "mlp" / "last.pt")
     for (name, a), b in zip(opt.rule.state_dict().items(), learner.rule.state_dict().values()):
