@@ -79,3 +79,14 @@ def assert_meta_training_halves_the_loss(algorithm: str, run_dir: Path, **option
     after = torch.cat([learner.evaluate(problem).values for problem in problems]).mean()
     assert after < 0.5 * before
     return learner
+
+
+def one_iteration_checkpoint(algorithm: str, run_dir: Path, **options: object) -> Path:
+    """``last.pt`` of a one-truncation ``algorithm`` run on tiny quadratics (a checkpoint of another rule)."""
+    config = RunConfig.from_dict({"data": {"name": "quadratics", "dim": 3, "batch": 2},
+                                  "algorithm": {"name": algorithm, "horizon": 2, "truncation": 2, **options},
+                                  "trainer": {"iterations": 1, "eval_every": 100, "eval_episodes": 1,
+                                              "checkpoint_every": 100, "log_every": 1}})
+    other = build_experiment(config)
+    MetaTrainer(other.learner, other.problems("train"), config, estimator=other.estimator, run_dir=run_dir).fit()
+    return run_dir / "last.pt"

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from metaopt.algorithms.mlp_lopt import MLPLOptRule
 from metaopt.algorithms.rnn_mlp_lopt import RNNMLPLOptOptions, RNNMLPLOptRule, RNNMLPOptimizer
 from metaopt.datasets.quadratics import Quadratics
 from metaopt.engine.optimizer_learner import OptimizerLearner
@@ -22,13 +21,11 @@ from metaopt.estimators import TruncatedBackprop
 from metaopt.problems.optimizees import Optimizee
 from metaopt.registry import BuildContext, entry
 from metaopt.training.checkpoint import CheckpointError
-from metaopt.training.config import RunConfig
-from metaopt.training.experiment import build_experiment
-from metaopt.training.trainer import MetaTrainer
 from tests.algorithms.lopt_checks import (
     assert_meta_gradients_match_finite_differences,
     assert_meta_training_halves_the_loss,
     model_with_every_rank,
+    one_iteration_checkpoint,
 )
 
 #: A scalar, a bias, a matrix and a convolution kernel (in sorted-name order, the reference's ``tree_leaves`` order).
@@ -582,12 +579,6 @@ def test_meta_training_through_the_trainer_lowers_the_loss_and_the_checkpoint_lo
     weight = model.weight.detach().clone()
     opt.step()
     assert not torch.equal(model.weight, weight) and opt.steps == 1
-    mlp = RunConfig.from_dict({"data": {"name": "quadratics", "dim": 3, "batch": 2},
-                               "algorithm": {"name": "mlp-lopt", "hidden_size": 4, "horizon": 2, "truncation": 2},
-                               "trainer": {"iterations": 1, "eval_every": 100, "eval_episodes": 1,
-                                           "checkpoint_every": 100, "log_every": 1}})
-    other = build_experiment(mlp)
-    assert isinstance(other.learner.rule, MLPLOptRule)
-    MetaTrainer(other.learner, other.problems("train"), mlp, estimator=other.estimator, run_dir=tmp_path / "mlp").fit()
     with pytest.raises(CheckpointError, match="holds a MLPLOptRule rule, not an RNNMLPLOptRule"):
-        RNNMLPOptimizer([torch.zeros(2)], checkpoint=tmp_path / "mlp" / "last.pt")
+        RNNMLPOptimizer([torch.zeros(2)], checkpoint=one_iteration_checkpoint("mlp-lopt", tmp_path / "mlp",
+                                                                              hidden_size=4))
