@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from importlib import resources
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from metaopt.datasets import miniimagenet
+from metaopt.datasets import fashion_mnist, miniimagenet, mnist, omniglot, task_suite
 from metaopt.datasets._common import TensorClassDataset
 from metaopt.datasets.miniimagenet import miniimagenet_split
 from metaopt.engine.meta_learner import adapted_parameter_names
@@ -278,8 +277,8 @@ def test_adapt_takes_all_head_or_comma_separated_names():
 
 
 #: The data folder each dataset reads under $METAOPT_DATA (None: generated, needs none).
-DATA_FOLDERS = {"sinusoid": None, "quadratics": None, "omniglot": "omniglot", "mnist-mlp": "mnist",
-                "miniimagenet": "miniimagenet", "fashion-mnist8-mlp": "fashion-mnist", "task-suite": "fashion-mnist"}
+#: every dataset a preset may name (the presets build on generated stand-ins of their data, below)
+DATASETS = {"sinusoid", "quadratics", "omniglot", "mnist-mlp", "miniimagenet", "fashion-mnist8-mlp", "task-suite"}
 
 
 def test_presets_are_listed_and_valid():
@@ -289,33 +288,49 @@ def test_presets_are_listed_and_valid():
     assert names == sorted(names)
     for name in names:
         config = load_preset(name)
-        assert isinstance(config, RunConfig) and config.data.name in DATA_FOLDERS
+        assert isinstance(config, RunConfig) and config.data.name in DATASETS
         assert name.replace("fomaml", "maml").startswith(f"{config.algorithm.name}-")  # the preset names its algorithm
         assert RunConfig.from_dict(config.to_dict()) == config  # presets hold every option: nothing left implicit
         raw = json.loads(resources.files("metaopt.presets").joinpath(f"{name}.json").read_text())
         assert raw == config.to_dict()
 
 
+def _generated_classes(names: list[str], channels: int, side: int) -> TensorClassDataset:
+    """20 random ``side``x``side`` images of each class of ``names``."""
+    images = torch.randint(0, 256, (20 * len(names), channels, side, side), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return TensorClassDataset(images, list(torch.arange(len(images)).split(20)), names)
+
+
 def _generated_miniimagenet(root: object = None, split: str = "train") -> TensorClassDataset:
     """A stand-in for the miniImageNet images (not on these machines; the loader is tested on fixtures of its
     formats in tests/datasets/test_miniimagenet.py): the split's classes, 20 random 84x84 images each."""
     del root
-    classes = miniimagenet_split(split).classes
-    images = torch.randint(0, 256, (20 * len(classes), 3, 84, 84), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    return TensorClassDataset(images, list(torch.arange(len(images)).split(20)), classes)
+    return _generated_classes(miniimagenet_split(split).classes, 3, 84)
+
+
+def _generated_omniglot(root: object = None, split: str = "train", protocol: str = "maml") -> TensorClassDataset:
+    """A stand-in for Omniglot (its loader is tested on the archives in tests/datasets/test_omniglot.py):
+    30 classes of 20 random 28x28 images."""
+    del root, split, protocol
+    return _generated_classes([f"character{i}" for i in range(30)], 1, 28)
+
+
+def _generated_idx(root: object = None, split: str = "train", spec: object = None) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in for MNIST's and Fashion-MNIST's IDX files (read and checked in tests/datasets): 1000 random
+    28x28 images, 100 of each class."""
+    del root, split, spec
+    g = np.random.default_rng(0)
+    return g.integers(0, 256, (1000, 784), dtype=np.uint8), np.repeat(np.arange(10, dtype=np.uint8), 100)
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_builds_its_experiment(name, monkeypatch):
     config = load_preset(name)
-    folder = DATA_FOLDERS[config.data.name]
-    if config.data.name == "miniimagenet":
-        monkeypatch.setattr(miniimagenet, "MiniImageNet", _generated_miniimagenet)
-        folder = None
-    root = os.environ.get("METAOPT_DATA")
-    if folder is not None and not (root and Path(root, folder).is_dir()):
-        pytest.skip(f"set METAOPT_DATA to the folder holding {folder}/")
+    monkeypatch.setattr(miniimagenet, "MiniImageNet", _generated_miniimagenet)
+    monkeypatch.setattr(omniglot, "Omniglot", _generated_omniglot)
+    for module in (mnist, fashion_mnist, task_suite):
+        monkeypatch.setattr(module, "read_split", _generated_idx)
     if "meta_batch" in config.data.options.field_names():
         config = config.replace(data={"meta_batch": 2})  # the sample batch sizes the model; fewer tasks are faster
     experiment = build_experiment(config.replace(device="cpu"))
