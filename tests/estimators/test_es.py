@@ -18,10 +18,9 @@ from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rules import LearnedRates, StepInfo, UpdateRule
 from metaopt.estimators import PES, Estimator, TruncatedES, perturbation
 from metaopt.estimators.es import perturbed_truncation
-from metaopt.problems.optimizees import Optimizee, OptimizeeStream, optimizee_stream
-from metaopt.training.config import TrainerConfig
+from metaopt.problems.optimizees import Optimizee, OptimizeeStream
 from metaopt.training.logging import read_metrics
-from metaopt.training.trainer import MetaTrainer
+from tests.estimators.trainer_checks import assert_trains_and_resumes_exactly
 
 DIM = 5
 
@@ -204,25 +203,6 @@ def test_non_finite_entries_of_the_estimate_are_set_to_zero_and_counted() -> Non
 
 
 def test_the_trainer_meta_trains_with_es_and_resumes_exactly(tmp_path) -> None:
-    family = Quadratics(dim=3, batch=2)
-
-    def trainer(run_dir, iterations: int) -> MetaTrainer:
-        torch.manual_seed(0)
-        config = TrainerConfig(iterations=iterations, meta_lr=0.003, eval_every=3, eval_episodes=2,
-                               checkpoint_every=3, log_every=1)
-        return MetaTrainer(OptimizerLearner(LSTMOptimizerRule(hidden=4), horizon=4),
-                           optimizee_stream(family, "train", 0), config, estimator=TruncatedES(pairs=2, truncation=2),
-                           val_problems=optimizee_stream(family, "val", 0), run_dir=run_dir)
-
-    whole = trainer(tmp_path / "whole", 6)
-    before = [p.detach().clone() for p in whole.learner.parameters()]
-    summary = whole.fit()
-    assert summary["iteration"] == 6 and summary["nonfinite_skipped"] == 0 and whole.estimator.started == 3
-    assert not all(torch.equal(a, b) for a, b in zip(before, whole.learner.parameters()))
+    assert_trains_and_resumes_exactly(tmp_path, lambda: TruncatedES(pairs=2, truncation=2), started=3)
     records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert all(r["train/nonfinite_pairs"] == 0 for r in records if "train/loss" in r)
-    trainer(tmp_path / "cut", 3).fit()
-    resumed = trainer(tmp_path / "cut", 6)
-    resumed.fit(resume=True)
-    for a, b in zip(whole.learner.parameters(), resumed.learner.parameters()):
-        assert torch.equal(a, b)

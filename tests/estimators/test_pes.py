@@ -8,14 +8,12 @@ import math
 
 import torch
 
-from metaopt.algorithms.lstm_optimizer import LSTMOptimizerRule
 from metaopt.datasets.quadratics import Quadratic, Quadratics
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rules import LearnedRates
 from metaopt.estimators import PES, Backprop, TruncatedBackprop, TruncatedES, perturbation
-from metaopt.problems.optimizees import Optimizee, OptimizeeStream, optimizee_stream
-from metaopt.training.config import TrainerConfig
-from metaopt.training.trainer import MetaTrainer
+from metaopt.problems.optimizees import Optimizee, OptimizeeStream
+from tests.estimators.trainer_checks import assert_trains_and_resumes_exactly
 
 RATE = 0.005  # the learned scalar step size of the unbiasedness test
 
@@ -156,23 +154,4 @@ def test_non_finite_pairs_add_nothing_are_counted_and_end_the_run() -> None:
 
 
 def test_the_trainer_meta_trains_with_pes_and_resumes_exactly(tmp_path) -> None:
-    family = Quadratics(dim=3, batch=2)
-
-    def trainer(run_dir, iterations: int) -> MetaTrainer:
-        torch.manual_seed(0)
-        config = TrainerConfig(iterations=iterations, meta_lr=0.003, eval_every=3, eval_episodes=2,
-                               checkpoint_every=3, log_every=1)
-        return MetaTrainer(OptimizerLearner(LSTMOptimizerRule(hidden=4), horizon=4),
-                           optimizee_stream(family, "train", 0), config, estimator=PES(pairs=2, truncation=3),
-                           val_problems=optimizee_stream(family, "val", 0), run_dir=run_dir)
-
-    whole = trainer(tmp_path / "whole", 6)
-    before = [p.detach().clone() for p in whole.learner.parameters()]
-    summary = whole.fit()
-    assert summary["iteration"] == 6 and summary["nonfinite_skipped"] == 0 and whole.estimator.started == 5
-    assert not all(torch.equal(a, b) for a, b in zip(before, whole.learner.parameters()))
-    trainer(tmp_path / "cut", 3).fit()
-    resumed = trainer(tmp_path / "cut", 6)
-    resumed.fit(resume=True)
-    for a, b in zip(whole.learner.parameters(), resumed.learner.parameters()):
-        assert torch.equal(a, b)
+    assert_trains_and_resumes_exactly(tmp_path, lambda: PES(pairs=2, truncation=3), started=5)
