@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,3 +92,32 @@ def one_iteration_checkpoint(algorithm: str, run_dir: Path, **options: object) -
     other = build_experiment(config)
     MetaTrainer(other.learner, other.problems("train"), config, estimator=other.estimator, run_dir=run_dir).fit()
     return run_dir / "last.pt"
+
+
+def assert_resumes_mid_run(make_model: Callable[[], nn.Module], make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+                           data: torch.Tensor, check: Callable[[nn.Module, torch.optim.Optimizer], None]) -> None:
+    """Train on ``data[:3]``, save model and optimizer through torch.save, train on ``data[3:]``; a fresh model and
+    optimizer loaded from the save (``check`` sees them) and trained on ``data[3:]`` end with equal parameters."""
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, batches: torch.Tensor) -> None:
+        for x in batches:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    model = make_model()
+    opt = make_opt(model)
+    train(model, opt, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, data[3:])
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = make_opt(resumed)
+    opt2.load_state_dict(saved["opt"])
+    check(resumed, opt2)
+    train(resumed, opt2, data[3:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from metaopt.training.checkpoint import CheckpointError, load_checkpoint, save_c
 from metaopt.training.config import RunConfig, Section, load_preset
 from metaopt.training.experiment import build_experiment
 from metaopt.training.trainer import MetaTrainer
+from tests.algorithms.lopt_checks import assert_resumes_mid_run
 
 #: A metaopt 0.1 LearnedOptimizerTrainer run (config.json and best.pt; see tests/fixtures/legacy/README.md).
 LEGACY_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "legacy" / "l2l-quadratics"
@@ -168,30 +168,13 @@ def test_parameters_without_gradient_keep_their_value_and_state() -> None:
 def test_state_dict_round_trip_mid_run_continues_identically() -> None:
     torch.manual_seed(1)
     rule, data = LSTMOptimizerRule(preprocessing=True, output_scale=0.1), torch.randn(6, 8, 3)
+    start = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
 
-    def train(model, opt, batches):
-        for x in batches:
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+    def check(resumed: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        assert opt.state[resumed[0].weight]["step"] == 3
 
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    opt = LearnedOptimizer(model.parameters(), rule=rule)
-    train(model, opt, data[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, data[3:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = copy.deepcopy(model)
-    resumed.load_state_dict(saved["model"])
-    opt2 = LearnedOptimizer(resumed.parameters(), rule=rule)
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.state[resumed[0].weight]["step"] == 3
-    train(resumed, opt2, data[3:])
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resumes_mid_run(lambda: copy.deepcopy(start), lambda model: LearnedOptimizer(model.parameters(), rule=rule),
+                           data, check)
 
 
 def test_a_trained_rule_loads_from_its_checkpoint(tmp_path) -> None:

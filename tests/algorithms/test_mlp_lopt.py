@@ -3,7 +3,6 @@ formulas, its initialisation, meta-gradients against finite differences, the tor
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
@@ -23,6 +22,7 @@ from metaopt.training.config import Section, load_preset
 from tests.algorithms.lopt_checks import (
     assert_meta_gradients_match_finite_differences,
     assert_meta_training_halves_the_loss,
+    assert_resumes_mid_run,
     model_with_every_rank,
     one_iteration_checkpoint,
 )
@@ -176,30 +176,12 @@ def test_state_dict_round_trip_mid_run_continues_identically() -> None:
     torch.manual_seed(1)
     rule, data = MLPLOptRule().double(), torch.randn(6, 8, 1, 4, 4, dtype=torch.float64)
 
-    def train(model: nn.Module, opt: MLPLOptimizer, batches: torch.Tensor) -> None:
-        for x in batches:
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+    def check(resumed: nn.Module, opt: torch.optim.Optimizer) -> None:
+        assert opt.state[resumed.scale]["step"] == 3
+        assert opt.state[resumed.conv.weight]["momenta"].shape == (2, 1, 3, 3, 6)
 
-    model = model_with_every_rank()
-    opt = MLPLOptimizer(model.parameters(), rule=rule)
-    train(model, opt, data[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, data[3:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = model_with_every_rank()
-    resumed.load_state_dict(saved["model"])
-    opt2 = MLPLOptimizer(resumed.parameters(), rule=rule)
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.state[resumed.scale]["step"] == 3
-    assert opt2.state[resumed.conv.weight]["momenta"].shape == (2, 1, 3, 3, 6)
-    train(resumed, opt2, data[3:])
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resumes_mid_run(model_with_every_rank, lambda model: MLPLOptimizer(model.parameters(), rule=rule), data,
+                           check)
 
 
 def test_step_lr_scales_the_rules_step_exactly_and_groups_have_their_own_lr() -> None:
