@@ -142,8 +142,8 @@ def _chosen(args: argparse.Namespace) -> dict[str, Any]:
         if chosen is not None and chosen != (raw.get(section) or {}).get("name"):
             raw[section] = None if chosen == "none" else {"name": entry(kind, chosen).name}
     algorithm = raw["algorithm"]["name"]
-    if entry("algorithm", algorithm).problems == "optimizees" and getattr(args, "choose.model") is None:
-        raw["model"] = None  # learned optimizers train on problems that define their networks
+    if entry("algorithm", algorithm).problems != "episodes" and getattr(args, "choose.model") is None:
+        raw["model"] = None  # learned optimizers and rule searches train on problems that define their networks
     return {k: v for k, v in raw.items() if v is not None}
 
 

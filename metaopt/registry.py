@@ -13,7 +13,8 @@ dataset is one new file.
 * a model builder is ``build(options, example) -> nn.Module``, sized for a sample batch.
 
 Algorithms and datasets declare the kind of problems they work on, ``"episodes"`` (few-shot
-tasks) or ``"optimizees"`` (training problems of a learned optimizer), so that mismatched pairs
+tasks), ``"optimizees"`` (training problems of a learned optimizer) or ``"rules"`` (the rewards of
+searched update rules), so that mismatched pairs
 are refused with a message instead of failing deep inside a run.
 
 Example:
@@ -41,7 +42,7 @@ __all__ = ["KINDS", "PLUGIN_PACKAGES", "BuildContext", "Entry", "entry", "load_p
            "register_algorithm", "register_dataset", "register_model"]
 
 Kind = Literal["algorithm", "dataset", "model"]
-Problems = Literal["episodes", "optimizees"]
+Problems = Literal["episodes", "optimizees", "rules"]
 KINDS: tuple[Kind, ...] = ("algorithm", "dataset", "model")
 PLUGIN_PACKAGES = ("metaopt.algorithms", "metaopt.datasets")
 Builder = TypeVar("Builder", bound=Callable)

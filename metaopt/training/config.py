@@ -222,12 +222,12 @@ class RunConfig:
         if problems == "episodes" and self.model is None:
             raise ConfigError(f"algorithm {self.algorithm.name!r} adapts a network: give a model section, e.g. "
                               "{\"name\": \"conv4\"}")
-        if problems == "optimizees" and self.model is not None:
-            raise ConfigError(f"algorithm {self.algorithm.name!r} trains a learned optimizer on problems that define "
-                              "their own networks; drop the model section")
-        if problems == "episodes" and self.baselines is not None:
+        if problems != "episodes" and self.model is not None:
+            raise ConfigError(f"algorithm {self.algorithm.name!r} trains on problems that define their own networks "
+                              "(optimizees, child trainings); drop the model section")
+        if problems != "optimizees" and self.baselines is not None:
             raise ConfigError("the baselines section compares learned optimizers with tuned torch.optim optimizers; "
-                              f"algorithm {self.algorithm.name!r} is a few-shot learner: drop it")
+                              f"algorithm {self.algorithm.name!r} is not a learned optimizer: drop it")
         for name, change in (self.baselines.transfer if self.baselines is not None else {}).items():
             try:
                 self.data.replace(**change)
