@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaopt.datasets import fashion_mnist, miniimagenet, mnist, omniglot, task_suite
+from metaopt.datasets import child_training, fashion_mnist, miniimagenet, mnist, omniglot, task_suite
 from metaopt.datasets._common import TensorClassDataset
 from metaopt.datasets.miniimagenet import miniimagenet_split
 from metaopt.engine.meta_learner import adapted_parameter_names
@@ -146,10 +146,11 @@ def test_parts_must_fit_together():
         run_config(algorithm={"name": "l2l"})
     with pytest.raises(ConfigError, match="algorithm 'maml' adapts a network: give a model section"):
         RunConfig.from_dict({"algorithm": {"name": "maml"}, "data": {"name": "sinusoid"}})
-    with pytest.raises(ConfigError, match="algorithm 'l2l' trains a learned optimizer .*drop the model section"):
+    with pytest.raises(ConfigError, match="algorithm 'l2l' trains on problems that define their own networks .*drop "
+                                          "the model section"):
         RunConfig.from_dict({**L2L, "model": {"name": "mlp"}})
-    with pytest.raises(ConfigError, match="the baselines section compares learned optimizers .*'maml' is a few-shot "
-                                          "learner: drop it"):
+    with pytest.raises(ConfigError, match="the baselines section compares learned optimizers .*'maml' is not a "
+                                          "learned optimizer: drop it"):
         run_config(baselines={})
     with pytest.raises(ConfigError, match="baselines transfer variant 'ReLU': 'activation' .*is not an option of "
                                           "dataset 'quadratics'"):
@@ -278,7 +279,8 @@ def test_adapt_takes_all_head_or_comma_separated_names():
 
 #: The data folder each dataset reads under $METAOPT_DATA (None: generated, needs none).
 #: every dataset a preset may name (the presets build on generated stand-ins of their data, below)
-DATASETS = {"sinusoid", "quadratics", "omniglot", "mnist-mlp", "miniimagenet", "fashion-mnist8-mlp", "task-suite"}
+DATASETS = {"sinusoid", "quadratics", "omniglot", "mnist-mlp", "miniimagenet", "fashion-mnist8-mlp", "task-suite",
+            "child-training"}
 
 
 def test_presets_are_listed_and_valid():
@@ -331,22 +333,26 @@ def test_every_preset_builds_its_experiment(name, monkeypatch):
     monkeypatch.setattr(omniglot, "Omniglot", _generated_omniglot)
     for module in (mnist, fashion_mnist, task_suite):
         monkeypatch.setattr(module, "read_split", _generated_idx)
+    monkeypatch.setattr(child_training, "_LOADED", {})  # the stand-ins must not stay cached for later tests
     if "meta_batch" in config.data.options.field_names():
         config = config.replace(data={"meta_batch": 2})  # the sample batch sizes the model; fewer tasks are faster
     experiment = build_experiment(config.replace(device="cpu"))
     learner, estimator = experiment.learner, experiment.estimator
-    optimizees = config.algorithm.entry.problems == "optimizees"
-    assert type(learner).__name__ == ("OptimizerLearner" if optimizees else
+    problems = config.algorithm.entry.problems
+    assert type(learner).__name__ == ({"optimizees": "OptimizerLearner", "rules": "RuleSearch"}.get(problems) or
                                       {"maml": "MAML", "mamlpp": "MAMLPlusPlus", "metasgd": "MetaSGD", "mtnet": "MTNet",
                                        "metalstm": "MetaLSTM", "arml": "ARML"}[config.algorithm.name])
     expected = {"backprop": "TruncatedBackprop", "es": "TruncatedES", "pes": "PES"}.get(
-        getattr(config.algorithm.options, "estimator", None), "Backprop")
+        getattr(config.algorithm.options, "estimator", None), "PPO" if problems == "rules" else "Backprop")
     assert type(estimator).__name__ == expected
     assert experiment.device.type == "cpu" and learner.device.type == "cpu"
     assert sum(p.numel() for p in learner.parameters() if p.requires_grad) > 0
-    if optimizees:
+    if problems == "optimizees":
         assert (learner.horizon, estimator.truncation) == (config.algorithm.options.horizon,
                                                           config.algorithm.options.truncation)
+    elif problems == "rules":  # the search scores rules on the stand-in images
+        assert learner.eval_steps == config.data.options.steps
+        assert experiment.problems("train").task.data.train[0].shape[1:] == (1, 14, 14)
     else:
         assert learner.eval_steps == config.algorithm.options.eval_inner_steps
         if config.data.name != "sinusoid":
