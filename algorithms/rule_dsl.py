@@ -22,11 +22,13 @@ by ``"; "`` (a ``left`` group is its bare first term): PowerSign is
 ``"mul(sign_g, sign_m); mul(exp(o1), g)"``, Adam is ``"adam"``. :meth:`Rule.canonical`
 makes rules that compute the same thing by construction equal: the arguments of ``add`` and
 ``mul`` sorted, the ignored argument of ``left`` dropped, groups the update never reads removed
-(and the rest renumbered). :func:`parse` reads the string back. A rule compiles into an
-:class:`DSLRule` (the engine's pure ``init``/``step`` update rule) and a :class:`DSLOptimizer`
-(``torch.optim``); both evaluate :func:`rule_update`. An update that is not finite (``exp``
-overflow, ``pow`` of a negative base, ``log`` of 0 ...) raises :class:`InvalidUpdateError`: a search
-scores such a rule with the minimum reward instead of crashing.
+(and the rest renumbered), and the sign of an operand whose sign is an operand written as that
+operand (``sign(adam)`` is ``sign_m``, ``sign(g3)`` is ``sign_g``: :data:`SIGN_OF`).
+:func:`parse` reads the string back. A rule compiles into an :class:`DSLRule` (the engine's
+pure ``init``/``step`` update rule) and a :class:`DSLOptimizer` (``torch.optim``); both evaluate
+:func:`rule_update`. An update that is not finite (``exp`` overflow, ``pow`` of a negative base,
+``log`` of 0 ...) raises :class:`InvalidUpdateError`: a search scores such a rule with the
+minimum reward instead of crashing.
 
 Reference:
     Bello, Zoph, Vasudevan, Le, 2017. Neural Optimizer Search with Reinforcement Learning. ICML.
@@ -94,6 +96,9 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "left": lambda x, y: x,
 }
 COMMUTATIVE = ("add", "mul")
+#: sign(x) of the operands whose sign is an operand: sign(m̂/(√v̂+ε)) = sign(m̂), sign(g³) = sign(g) ...
+SIGN_OF = {"g": "sign_g", "g3": "sign_g", "rmsprop": "sign_g", "sign_g": "sign_g", "m": "sign_m", "adam": "sign_m",
+           "sign_m": "sign_m", "1": "1", "2": "1"}
 #: How :meth:`Rule.formula` writes operands, unary functions ({} is the argument) and binary functions.
 SYMBOLS = {"g": "g", "g2": "g²", "g3": "g³", "m": "m̂", "v": "v̂", "y": "ŷ", "sign_g": "sign(g)", "sign_m": "sign(m̂)",
            "1": "1", "2": "2", "noise": "ε", "wd4": "1e-4·w", "wd3": "1e-3·w", "wd2": "1e-2·w", "wd1": "1e-1·w",
@@ -136,6 +141,11 @@ class Group:
         return first if self.b == "left" else f"{self.b}({first}, {second})"
 
 
+def _signed(unary: str, operand: str) -> tuple[str, str]:
+    """``(unary, operand)``, with ``sign`` of an operand whose sign is an operand replaced by that operand."""
+    return ("id", SIGN_OF[operand]) if unary == "sign" and operand in SIGN_OF else (unary, operand)
+
+
 def _term(unary: str, operand: str) -> str:
     return operand if unary == "id" else f"{unary}({operand})"
 
@@ -170,7 +180,8 @@ class Rule:
         return cls(tuple(Group(*tokens[i:i + 5]) for i in range(0, len(tokens), 5)))
 
     def canonical(self) -> Rule:
-        """The rule with commutative arguments sorted, ``left``'s ignored argument dropped, dead groups removed."""
+        """The rule with commutative arguments sorted, ``left``'s ignored argument dropped, dead groups removed, signs
+        of operands with a sign operand replaced (module docs)."""
         live = {len(self.groups) - 1}
         for k in range(len(self.groups) - 1, -1, -1):
             if k in live:
@@ -181,7 +192,7 @@ class Rule:
         for k in kept:
             group = self.groups[k]
             op1, op2 = rename.get(group.op1, group.op1), rename.get(group.op2, group.op2)
-            first, second = (group.u1, op1), (group.u2, op2)
+            first, second = (_signed(group.u1, op1), _signed(group.u2, op2))
             if group.b == "left":
                 second = ("id", "1")
             elif group.b in COMMUTATIVE and _term(*second) < _term(*first):

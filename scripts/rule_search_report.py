@@ -60,7 +60,11 @@ def load_search(run_dir: Path) -> dict[str, Any]:
     rows = [r for r in records if "train/reward_mean" in r]
     epochs = state["estimator"]["settings"]["epochs"]
     batch = config.data.options.rules_per_batch
-    return {"config": config, "scored": state["model"]["_extra_state"], "iteration": state["iteration"],
+    scored: dict[str, float] = {}
+    for key, reward in state["model"]["_extra_state"].items():  # merged under today's canonical form
+        canonical = parse(key).key
+        scored[canonical] = max(reward, scored.get(canonical, reward))
+    return {"config": config, "scored": scored, "iteration": state["iteration"],
             "counts": state["estimator"]["state"]["counts"], "settings": state["estimator"]["settings"],
             "curve": [((r["iteration"] + epochs - 1) // epochs * batch, r["train/reward_mean"], r["train/best_reward"])
                       for r in rows], "time_s": state["time"]["train_s"]}
@@ -159,7 +163,8 @@ def markdown(results: dict[str, Any]) -> str:
         sampled = counts["scored"] + counts["cached"]
         lines += [f"## {name}", "",
                   f"{sampled} rules sampled, {counts['scored']} distinct scored ({counts['cached']} cache hits, "
-                  f"{counts['invalid']} scored 0), settings {search['settings']}, {search['train_s'] / 60:.1f} min "
+                  f"{counts['invalid']} scored 0; {search['rules_scored']} distinct after canonical signs), "
+                  f"settings {search['settings']}, {search['train_s'] / 60:.1f} min "
                   "of training time.", "",
                   f"Enrichment — top {p['top']}: sign agreement {search['enrichment_top']['sign_agreement']:.0%}, "
                   f"Adam-like {search['enrichment_top']['adam_like']:.0%}; all scored rules: sign agreement "

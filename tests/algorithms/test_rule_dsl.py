@@ -124,6 +124,17 @@ def test_canonical_form_identifies_rules_equal_by_construction() -> None:
     assert parse("sub(g, m)").key != parse("sub(m, g)").key
     assert parse("left(exp(g), noise)").key == parse("left(exp(g), v)").key == "exp(g)"
     assert parse("sign(v); mul(m, g); add(o2, 1)").key == "mul(g, m); add(1, o1)"  # o1 is dead, o2 renamed
+    assert parse("add(sign(adam), sign(sign_g))").key == parse("add(sign_m, sign(g3))").key == "add(sign_g, sign_m)"
+
+
+def test_signs_the_canonical_form_replaces_are_equal_numerically(history) -> None:
+    grads, w = history
+    tensors = [torch.from_numpy(g) for g in grads]
+    for operand in ("g", "g3", "rmsprop", "m", "adam", "1", "2", "sign_g", "sign_m"):
+        rule = parse(f"sign({operand})")
+        values = [rule_update(r, tensors[-1], torch.from_numpy(w), moments_after(tensors), len(grads), None)
+                  for r in (rule, rule.canonical())]
+        assert torch.equal(*values) and str(rule.canonical()) != f"sign({operand})"
 
 
 @pytest.mark.parametrize(("text", "message"), [
