@@ -29,3 +29,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch) -> None:
     assert namespace["lopt"].steps == 6  # 5 training steps and a validation batch of the hierarchical optimizer
     losses = namespace["fit_losses"]  # the shipped optimizer fits the toy regression (it once went 6.5 -> 1142)
     assert losses[-1] < 0.01 * losses[0] and namespace["optimizer"].param_groups[0]["lr"] == 0.25
+    assert namespace["searched"].param_groups[0]["rule"] == "mul(sign_g, sign_m); mul(exp(o1), g)"
