@@ -6,7 +6,11 @@ here plus, for a new task family, a dataset builder registered in ``metaopt.data
 few-shot presets are listed below; the learned optimizers' are ``l2l-quadratics``, ``l2l-mnist``
 (Andrychowicz et al. 2016), ``mlp-lopt-quadratics``, ``mlp-lopt-fashion-mnist8-50`` (with ``-es``
 and ``-pes``: learned_optimization's ``LOpt_MLPLOpt_FahionMnist_50`` by each estimator) and
-``rnn-mlp-lopt-suite-pes`` (Metz et al. 2020's hierarchical optimizer by PES on the task suite).
+``rnn-mlp-lopt-suite-pes`` (Metz et al. 2020's hierarchical optimizer by PES on the task suite),
+``li-malik-logistic``, ``li-malik-robust-linear`` and ``li-malik-two-layer-net`` (Li & Malik's
+policy, by ES, on each of their problem families); the rule searches' are
+``neural-optimizer-search-ppo`` and ``neural-optimizer-search-random`` (Bello et al. 2017's
+controller and the random-search baseline with the same budget).
 
 =========================  ================================================================
 preset                     settings (source)

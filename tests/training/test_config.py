@@ -280,7 +280,7 @@ def test_adapt_takes_all_head_or_comma_separated_names():
 #: The data folder each dataset reads under $METAOPT_DATA (None: generated, needs none).
 #: every dataset a preset may name (the presets build on generated stand-ins of their data, below)
 DATASETS = {"sinusoid", "quadratics", "omniglot", "mnist-mlp", "miniimagenet", "fashion-mnist8-mlp", "task-suite",
-            "child-training"}
+            "child-training", "li-malik"}
 
 
 def test_presets_are_listed_and_valid():
