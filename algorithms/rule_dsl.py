@@ -61,6 +61,7 @@ import torch
 
 from metaopt.algorithms.sign_rules import sign_decay
 from metaopt.engine.functional import Params
+from metaopt.engine.rule_optimizer import closure_loss
 from metaopt.engine.rules import StepInfo, UpdateRule
 
 __all__ = ["BINARY", "OPERANDS", "UNARY", "DSLOptimizer", "DSLRule", "Group", "InvalidUpdateError", "Rule", "parse",
@@ -450,10 +451,7 @@ class DSLOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> torch.Tensor | None:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         pending = []
         for group in self.param_groups:
             rule = self._rule(group["rule"])

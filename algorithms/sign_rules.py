@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from metaopt.engine.rule_optimizer import closure_loss
+
 __all__ = ["DECAYS", "AddSign", "PowerSign", "sign_decay"]
 
 #: The sign-decay schedules and their default number of periods n.
@@ -102,10 +104,7 @@ class _SignRule(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> torch.Tensor | None:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RuleOptimizer", "add_update", "check_multiplier", "one_source"]
+__all__ = ["RuleOptimizer", "add_update", "check_multiplier", "closure_loss", "one_source"]
 
 
 def check_multiplier(lr: object, owner: str) -> float:
@@ -53,6 +53,14 @@ def one_source(owner: str, sources: dict[str, object], takes: str) -> str:
     if len(given) != 1:
         raise ValueError(f"{owner} takes {takes}, exactly one of them; got {given or 'none'}")
     return given[0]
+
+
+def closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The loss of a ``torch.optim`` step's ``closure``, evaluated with gradients on (None without a closure)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def add_update(param: torch.Tensor, update: torch.Tensor, lr: float) -> None:
@@ -112,10 +120,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         """
         if closure is not None and loss is not None:
             raise ValueError("give step() a closure or a loss, not both: the closure's loss is the one the rule reads")
-        returned = None
+        returned = closure_loss(closure)
         if closure is not None:
-            with torch.enable_grad():
-                loss = returned = closure()
+            loss = returned
         scaled = [(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if scaled:
             self.apply(scaled, None if loss is None else torch.as_tensor(loss).detach())

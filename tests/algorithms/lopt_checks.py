@@ -97,13 +97,18 @@ def one_iteration_checkpoint(algorithm: str, run_dir: Path, **options: object) -
 def assert_resumes_mid_run(make_model: Callable[[], nn.Module], make_opt: Callable[[nn.Module], torch.optim.Optimizer],
                            data: torch.Tensor, check: Callable[[nn.Module, torch.optim.Optimizer], None]) -> None:
     """Train on ``data[:3]``, save model and optimizer through torch.save, train on ``data[3:]``; a fresh model and
-    optimizer loaded from the save (``check`` sees them) and trained on ``data[3:]`` end with equal parameters."""
+    optimizer loaded from the save (``check`` sees them) and trained on ``data[3:]`` end with equal parameters.
+    Steps take a closure, so optimizers that read the loss get it."""
 
     def train(model: nn.Module, opt: torch.optim.Optimizer, batches: torch.Tensor) -> None:
         for x in batches:
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+            def closure(x: torch.Tensor = x) -> torch.Tensor:
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
 
     model = make_model()
     opt = make_opt(model)

@@ -3,7 +3,6 @@ gradient-descent start, the torch.optim wrapper, state round trips, meta-gradien
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
@@ -22,7 +21,11 @@ from metaopt.registry import BuildContext, entry
 from metaopt.training.config import RunConfig, Section
 from metaopt.training.experiment import build_experiment
 from metaopt.training.trainer import MetaTrainer
-from tests.algorithms.lopt_checks import assert_meta_gradients_match_finite_differences, model_with_every_rank
+from tests.algorithms.lopt_checks import (
+    assert_meta_gradients_match_finite_differences,
+    assert_resumes_mid_run,
+    model_with_every_rank,
+)
 
 #: A scalar, a bias, a matrix and a convolution kernel: the tensor ranks the rule must handle.
 SHAPES = {"scale": (), "bias": (5,), "weight": (3, 4), "kernel": (2, 3, 3, 3)}
@@ -140,29 +143,11 @@ def test_the_torch_optimizer_makes_the_rules_own_steps_on_every_rank() -> None:
 def test_state_dict_round_trip_mid_run_continues_identically() -> None:
     rule, data = randomised(LiMalikRule(step_mult=0.01).double()), torch.randn(6, 8, 1, 4, 4, dtype=torch.float64)
 
-    def train(model: nn.Module, opt: LiMalikOptimizer, batches: torch.Tensor) -> None:
-        for x in batches:
-            opt.zero_grad()
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step(loss=loss)
+    def check(resumed: nn.Module, opt: LiMalikOptimizer) -> None:
+        assert opt.steps == 3 and opt.state[resumed.conv.weight]["grads"].shape == (2, 1, 3, 3, 25)
 
-    model = model_with_every_rank()
-    opt = LiMalikOptimizer(model.parameters(), rule=rule)
-    train(model, opt, data[:3])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, data[3:])
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = model_with_every_rank()
-    resumed.load_state_dict(saved["model"])
-    opt2 = LiMalikOptimizer(resumed.parameters(), rule=rule)
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.steps == 3 and opt2.state[resumed.conv.weight]["grads"].shape == (2, 1, 3, 3, 25)
-    train(resumed, opt2, data[3:])
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resumes_mid_run(model_with_every_rank, lambda model: LiMalikOptimizer(model.parameters(), rule=rule), data,
+                           check)
 
 
 def test_meta_gradients_match_finite_differences_in_float64() -> None:
