@@ -1,8 +1,8 @@
 """Neural Optimizer Search against random search with the same budget: reward curves, best rules, held-out re-scores.
 
-Reads two finished (or interrupted) search runs of ``metaopt train`` — the PPO controller and
-random search, e.g. the presets ``neural-optimizer-search-ppo`` and ``neural-optimizer-search-random``
-— and writes ``docs/results/neural-optimizer-search.{md,json,png}``:
+Reads finished (or interrupted) search runs of ``metaopt train`` — PPO controllers and random
+searches, e.g. of the presets ``neural-optimizer-search-ppo`` and ``neural-optimizer-search-random``
+with several ``--seed`` s — and writes ``docs/results/neural-optimizer-search.{md,json,png}``:
 
 * the reward curves (batch mean and best-so-far reward against rules sampled) from ``metrics.jsonl``;
 * the top ``--top`` rules of each search by their search reward (one child seed), as canonical
@@ -15,9 +15,12 @@ random search, e.g. the presets ``neural-optimizer-search-ppo`` and ``neural-opt
   operands) or an Adam-like term (``adam``, ``rmsprop``, or both m̂ and v̂), against the same
   fraction among every rule each search scored.
 
-Run (after both searches; about 4 minutes of one core for 10 + 10 rules on 5 seeds)::
+and a summary per run: its best search reward, the re-scored test accuracy of its top rule and the
+mean over its top 5. Run (after the searches; a few minutes of one core, each distinct rule is
+re-scored once)::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python scripts/rule_search_report.py runs/nos-ppo runs/nos-random
+    OMP_NUM_THREADS=1 taskset -c 1 python scripts/rule_search_report.py --ppo runs/nos-ppo runs/nos-ppo-seed1 \
+        --random runs/nos-random runs/nos-random-seed1
 """
 
 from __future__ import annotations
@@ -70,7 +73,17 @@ def load_search(run_dir: Path) -> dict[str, Any]:
                       for r in rows], "time_s": state["time"]["train_s"]}
 
 
+_RESCORED: dict[str, dict[str, Any]] = {}
+
+
 def rescore(task: ChildTask, rule: Rule, seeds: list[int]) -> dict[str, Any]:
+    """Best validation accuracy over the λ grid and the test accuracy at that λ, from each held-out seed."""
+    if rule.key not in _RESCORED:
+        _RESCORED[rule.key] = _rescore(task, rule, seeds)
+    return _RESCORED[rule.key]
+
+
+def _rescore(task: ChildTask, rule: Rule, seeds: list[int]) -> dict[str, Any]:
     scores = [task.rule_score(rule, seed, test=True) for seed in seeds]
     val = torch.tensor([s.accuracy for s in scores])
     test = torch.tensor([s.test_accuracy for s in scores])
@@ -85,15 +98,17 @@ def enrichment(rules: list[Rule]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ppo", type=Path)
-    parser.add_argument("random", type=Path)
+    parser.add_argument("--ppo", type=Path, nargs="+", required=True, help="run folders of PPO searches")
+    parser.add_argument("--random", type=Path, nargs="+", required=True, help="run folders of random searches")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
     start = time.perf_counter()
-    searches = {"PPO controller": load_search(args.ppo), "random search": load_search(args.random)}
-    data = searches["PPO controller"]["config"].data.options
+    searches = {f"{kind} seed {run['config'].seed}": run for kind, folders in (("PPO", args.ppo),
+                                                                               ("random", args.random))
+                for run in map(load_search, folders)}
+    data = next(iter(searches.values()))["config"].data.options
     task = ChildTask(data.images, data.network, data.steps, data.batch, data.lrs, data.val_images)
     seeds = [SPLIT_SEEDS["test"] + 7 * 10**6 + i for i in range(args.seeds)]
     results: dict[str, Any] = {"protocol": {**task.protocol(), "rescore_seeds": seeds, "top": args.top}, "searches": {},
@@ -120,21 +135,26 @@ def main() -> None:
     print(markdown(results))
 
 
+def colour(name: str) -> str:
+    return "tab:blue" if name.startswith("PPO") else "tab:orange"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (name, search), colour in zip(results["searches"].items(), ("tab:blue", "tab:orange")):
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
+    for k, (name, search) in enumerate(results["searches"].items()):
         rules, mean, best = zip(*search["curve"])
-        curves.plot(rules, mean, color=colour, alpha=0.6, label=f"{name}: batch mean reward")
-        curves.plot(rules, best, color=colour, linestyle="--", label=f"{name}: best so far")
+        style = ("-", "-.")[k % 2]
+        curves.plot(rules, mean, color=colour(name), alpha=0.6, linestyle=style, label=f"{name}: batch mean")
+        curves.plot(rules, best, color=colour(name), linestyle=":", label=f"{name}: best so far")
     curves.set(xlabel="rules sampled", ylabel="reward (best validation accuracy)", title="search rewards")
     curves.legend(fontsize=8)
     labels, means, cis, colours = [], [], [], []
-    for (name, search), colour in zip(results["searches"].items(), ("tab:blue", "tab:orange")):
-        for k, rule in enumerate(search["top"][:5]):
-            labels.append(f"{name.split()[0]} #{k + 1}")
+    for name, search in results["searches"].items():
+        for k, rule in enumerate(search["top"][:3]):
+            labels.append(f"{name} #{k + 1}")
             means.append(rule["test"])
             cis.append(rule["test_ci95"])
-            colours.append(colour)
+            colours.append(colour(name))
     for name, ref in results["references"].items():
         labels.append(name)
         means.append(ref["test"])
@@ -157,7 +177,20 @@ def markdown(results: dict[str, Any]) -> str:
              f"{p['lrs']}, reward = best validation accuracy ({p['val_images']} validation images); batch norm: "
              f"{p['batch_norm']}. Re-scores: {len(p['rescore_seeds'])} held-out child seeds (test split), best "
              "validation accuracy over the λ grid and the test accuracy (10,000 test images) at that λ, mean ± 95% "
-             "CI. 2-core AMD EPYC, one thread per run (`taskset`).", ""]
+             "CI. 2-core AMD EPYC, one thread per run (`taskset`).", "",
+             "| run | rules sampled | distinct scored | training min | batch mean reward, last 5 batches | best search "
+             "reward | top-1 re-scored test | top-5 mean re-scored test | top-k sign agreement / Adam-like |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, search in results["searches"].items():
+        counts, top = search["counts"], search["top"]
+        last = [mean for _, mean, _ in search["curve"][-5:]]
+        lines.append(f"| {name} | {counts['scored'] + counts['cached']} | {counts['scored']} | "
+                     f"{search['train_s'] / 60:.1f} | {sum(last) / len(last):.3f} | {top[0]['search_reward']:.3f} | "
+                     f"{top[0]['test']:.3f} ± {top[0]['test_ci95']:.3f} | "
+                     f"{sum(r['test'] for r in top[:5]) / len(top[:5]):.3f} | "
+                     f"{search['enrichment_top']['sign_agreement']:.0%} / "
+                     f"{search['enrichment_top']['adam_like']:.0%} |")
+    lines.append("")
     for name, search in results["searches"].items():
         counts = search["counts"]
         sampled = counts["scored"] + counts["cached"]
