@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
+import shlex
+import signal
+import subprocess
 import sys
 import typing
 import warnings
@@ -37,6 +41,7 @@ from metaopt.options import ConfigError, Options, field_help
 from metaopt.registry import Kind, entry, load_plugins, names
 from metaopt.training.checkpoint import CheckpointError
 from metaopt.training.config import RunConfig, Section, TrainerConfig, load_preset, preset_names
+from metaopt.training.distributed import DistributedError, launch_command
 from metaopt.training.experiment import RunCompleteError, default_run_dir, evaluate_run, train
 from metaopt.training.legacy import read_run_config
 from metaopt.training.trainer import RESUMABLE_CHANGES, Interrupted, NonFiniteError
@@ -239,6 +244,10 @@ def build_parser(config: RunConfig | None = None, parts: dict[str, Section | Non
                             help=f"'auto' (CUDA when available), 'cpu', 'cuda:0'... (now: {config.device})")
         common.add_argument("--threads", dest="run.threads", type=_optional(int), default=argparse.SUPPRESS,
                             help=f"intra-op CPU threads; none: torch's default (now: {config.threads})")
+        common.add_argument("--nproc", type=_positive, default=argparse.SUPPRESS, metavar="N",
+                            help="meta-train on N processes of this machine (torchrun --nproc-per-node N); with "
+                                 "torchrun itself, on several machines: torchrun --nnodes M --nproc-per-node N "
+                                 "--rdzv-backend c10d --rdzv-endpoint HOST:PORT -m metaopt train ...")
         _add_options(common, TrainerConfig, "trainer", config.trainer)
         parts = {section: getattr(config, section) for section in _SECTIONS} if parts is None else parts
         for section, kind in _SECTIONS.items():
@@ -289,7 +298,43 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return changes
 
 
+def _launched(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """The ``--nproc N`` of ``argv`` (``None`` when absent) and the other arguments."""
+    rest, nproc, tokens = [], None, list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--nproc" or token.startswith("--nproc="):
+            value = token.partition("=")[2] if "=" in token else (tokens.pop(0) if tokens else "")
+            try:
+                nproc = _positive(value)
+            except argparse.ArgumentTypeError as err:
+                raise ConfigError(f"--nproc: {err}") from None
+        else:
+            rest.append(token)
+    return nproc, rest
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``metaopt train argv`` on ``nproc`` processes of this machine through ``torchrun``; its exit status.
+
+    The launcher runs in its own session, so a Ctrl-C reaches the ranks once, forwarded by the launcher.
+    """
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc starts torchrun itself, but this process already runs under torchrun "
+                          f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): drop --nproc")
+    print(f"starting {nproc} processes: {shlex.join(launch_command(nproc, argv))}", flush=True)
+    child = subprocess.Popen(launch_command(nproc, argv), start_new_session=True)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+
+
 def _train(argv: Sequence[str]) -> int:
+    nproc, argv = _launched(argv)
+    if nproc is not None and nproc > 1:
+        return _launch(nproc, argv)
     source, _ = _source_parser().parse_known_args(argv)
     chosen = [section for section in _SECTIONS if getattr(source, f"choose.{section}") is not None]
     raw = _chosen(source)
@@ -316,19 +361,24 @@ def _train(argv: Sequence[str]) -> int:
                                  f"{allowed} may)")
     config = config.replace(**changes)
     run_dir = args.resume or args.run_dir or default_run_dir(config)
-    print(f"run directory: {run_dir}", flush=True)
+    leader = int(os.environ.get("RANK", "0")) == 0
+    if leader:
+        print(f"run directory: {run_dir}", flush=True)
     try:
         final = train(config, run_dir, resume=args.resume is not None)
     except Interrupted as stop:
         kept = "" if stop.saved == stop.iteration else f" (last.pt holds iteration {stop.saved}: the meta-updates " \
                                                          "since were not finite)"
-        print(f"interrupted at iteration {stop.iteration}{kept}; resume with: metaopt train --resume {run_dir}",
-              file=sys.stderr)
+        if leader:
+            print(f"interrupted at iteration {stop.iteration}{kept}; resume with: metaopt train --resume {run_dir}",
+                  file=sys.stderr)
         return 128 + stop.signum
     except RunCompleteError as done:
-        print(done)
+        if leader:
+            print(done)
         return 0
-    _report(final, Path(run_dir) / "final.json")
+    if leader:
+        _report(final, Path(run_dir) / "final.json")
     return 0
 
 
@@ -390,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:  # the user's input, or data that is not where it should be
         print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteError, RunDirError) as err:
+    except (CheckpointError, NonFiniteError, RunDirError, DistributedError) as err:
         print(f"metaopt {command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

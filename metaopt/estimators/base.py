@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaopt.engine.learner import Learner
+from metaopt.training.distributed import SINGLE, DistributedError, World
 
 __all__ = ["Estimate", "Estimator"]
 
@@ -49,6 +50,20 @@ class Estimate:
 
 class Estimator:
     """Base of the meta-gradient estimators (see the module docs)."""
+
+    #: The processes that share each estimate (:meth:`distribute`); one by default.
+    world: World = SINGLE
+
+    def distribute(self, world: World) -> None:
+        """Share the work of every estimate over the ranks of ``world`` (:mod:`metaopt.training.distributed`).
+
+        Every rank must end each call with the same gradients, state and metrics.
+
+        Raises:
+            DistributedError: this estimator cannot share its work.
+        """
+        raise DistributedError(f"{type(self).__name__} cannot share its estimates over processes; run it on one "
+                               "process (without torchrun or --nproc)")
 
     def estimate(self, learner: Learner, problems: Any, iteration: int, track_steps: bool = False) -> Estimate:
         """Write the meta-gradient for meta-update ``iteration`` into the ``.grad`` of ``learner``'s parameters.

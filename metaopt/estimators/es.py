@@ -49,6 +49,13 @@ rounding error):
   or ``.tolist()``, in-place writes into captured tensors, non-tensor rule states) raises an error
   that says so and names the fix, ``vmap=False``; nothing falls back silently.
 
+On several processes (``distribute``) every rank regenerates the same perturbations from their
+keys, unrolls its contiguous share of the particles, and the ranks gather the particles' losses,
+and the inner states the estimator carries on (ES: the positive branch of pair 0; PES: every
+particle's), so every rank computes the single-process estimate and carries the same runs on.
+In a loop the particles are computed exactly as on one process, so the estimate is equal bit for
+bit; with ``vmap`` each rank batches its share only (equal to rounding error).
+
 References:
     Metz et al., 2020. Tasks, stability, architecture, and compute: training more effective learned
     optimizers, and using them to train themselves. https://arxiv.org/abs/2009.11243
@@ -87,6 +94,7 @@ from metaopt.estimators.base import Estimate, Estimator
 from metaopt.estimators.perturbations import Key, perturbation
 from metaopt.estimators.runs import InnerRuns
 from metaopt.problems.optimizees import Optimizee
+from metaopt.training.distributed import World
 
 __all__ = ["Particle", "TruncatedES", "particle_truncations", "perturbed_truncation"]
 
@@ -235,6 +243,12 @@ class _Antithetic(Estimator):
             self._problems.pop(run["problem"], None)
         self._runs[task] = None
 
+    #: Whether every particle's inner state is carried on (PES), else only the first (ES: pair 0's positive branch).
+    _carries_every_particle = False
+
+    def distribute(self, world: World) -> None:
+        self.world = world
+
     def _keys(self, iteration: int, task: int) -> list[Key]:
         return [(self.seed, iteration, task, pair) for pair in range(self.pairs)]
 
@@ -242,8 +256,23 @@ class _Antithetic(Estimator):
                starts: Sequence[tuple[Params, Any]], start: int, steps: int) -> list[tuple[Particle, Particle]]:
         """The branches φ + ε_i and φ − ε_i of every pair ``i``, from ``starts[2i]`` and ``starts[2i + 1]``."""
         phis = [{k: phi[k] + sign * e[k] for k in phi} for e in eps for sign in (1, -1)]
-        particles = particle_truncations(learner, phis, problem, starts, start, steps, self.vmap)
+        mine = self.world.share(len(phis))
+        particles = particle_truncations(learner, phis[mine.start:mine.stop], problem, starts[mine.start:mine.stop],
+                                         start, steps, self.vmap)
+        if self.world.active:
+            particles = self._gathered(learner, mine, particles)
         return list(zip(particles[0::2], particles[1::2]))
+
+    def _gathered(self, learner: OptimizerLearner, mine: range, particles: list[Particle]) -> list[Particle]:
+        """Every rank's particles, in order: their losses, and the inner states the estimator carries on."""
+        def sent(index: int, particle: Particle) -> tuple[torch.Tensor, Any, Any]:
+            carried = self._carries_every_particle or index == 0
+            return map_tensors(torch.Tensor.cpu, (particle.losses, *((particle.params, particle.state) if carried
+                                                                      else (None, None))))
+
+        shares = self.world.gather([sent(index, p) for index, p in zip(mine, particles)])
+        return [Particle(*map_tensors(lambda t: t.to(learner.device), particle)) for share in shares
+                for particle in share]
 
     @staticmethod
     def _write(learner: OptimizerLearner, grads: Params) -> int:

@@ -92,6 +92,8 @@ class PES(_Antithetic):
                  max_loss: float | None = None, vmap: bool = False) -> None:
         super().__init__(sigma, pairs, truncation, tasks, seed, min_horizon, random_offset, max_loss, vmap)
 
+    _carries_every_particle = True
+
     def estimate(self, learner: OptimizerLearner, problems: Any, iteration: int,
                  track_steps: bool = False) -> Estimate:
         del track_steps

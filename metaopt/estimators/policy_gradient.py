@@ -22,6 +22,11 @@ The policy (the learner) provides ``sample(n, generator, uniform) -> tokens``, `
 -> (log-probabilities, entropies)``, ``decode(tokens_row) -> rule`` (with a ``key``) and the
 memory ``scored: dict[str, float]``.
 
+On several processes (``distribute``) every rank samples the same batch (the same controller, the
+same key), scores its contiguous share of the batch's new rules, and the rewards are gathered, so
+the child trainings spread over the ranks; every rank then fills its memory and takes the same
+controller update from the same rewards (no gradient travels).
+
 References:
     Bello, Zoph, Vasudevan, Le, 2017. Neural Optimizer Search with Reinforcement Learning. ICML (§3.2: PPO).
     Schulman, Wolski, Dhariwal, Radford, Klimov, 2017. Proximal Policy Optimization Algorithms. arXiv 1707.06347.
@@ -59,6 +64,7 @@ import torch
 
 from metaopt.estimators.base import Estimate, Estimator
 from metaopt.estimators.perturbations import key_seed
+from metaopt.training.distributed import World
 
 __all__ = ["PPO", "SEARCHES"]
 
@@ -92,6 +98,9 @@ class PPO(Estimator):
         self.baseline: float | None = None
         self.counts = {"scored": 0, "cached": 0, "invalid": 0}
 
+    def distribute(self, world: World) -> None:
+        self.world = world
+
     def settings(self) -> dict[str, Any]:
         return {"search": self.search, "epochs": self.epochs, "clip": self.clip, "entropy": self.entropy,
                 "baseline_decay": self.baseline_decay}
@@ -106,14 +115,19 @@ class PPO(Estimator):
         """Batch ``index``: rules, rewards (from the memory or the problems), advantages, old log-probabilities."""
         generator = torch.Generator().manual_seed(key_seed((problems.seed, index), _STREAM))
         tokens = policy.sample(problems.batch_size, generator, uniform=self.search == "random")
+        rules = [policy.decode(row) for row in tokens]
+        new = list({rule.key: rule for rule in rules if rule.key not in policy.scored}.values())
+        mine = self.world.share(len(new))
+        scores = {rule.key: float(problems.reward(rule)) for rule in new[mine.start:mine.stop]}
+        for share in self.world.gather(scores) if self.world.active else []:
+            scores.update(share)
         rewards = []
-        for row in tokens:
-            rule = policy.decode(row)
+        for rule in rules:
             key = rule.key
             if key in policy.scored:
                 self.counts["cached"] += 1
             else:
-                policy.scored[key] = float(problems.reward(rule))
+                policy.scored[key] = scores[key]
                 self.counts["scored"] += 1
                 self.counts["invalid"] += policy.scored[key] == 0.0
             rewards.append(policy.scored[key])

@@ -40,7 +40,7 @@ __all__ = ["ESTIMATORS", "UnrollOptions", "estimator_of"]
 #: The estimators a learned optimizer can be trained with, by option value.
 ESTIMATORS = ("backprop", "es", "pes")
 #: The options only ES and PES read (an error with estimator='backprop' unless at their defaults).
-_ANTITHETIC = ("sigma", "pairs", "tasks", "vmap_particles")
+_ANTITHETIC = ("sigma", "pairs", "vmap_particles")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class UnrollOptions(Options):
         second_derivatives: backpropagate through the optimizee's gradients (backprop only).
         sigma: standard deviation of the ES / PES perturbation (None: 0.01, the reference's).
         pairs: antithetic pairs per meta-update, ES / PES only (None: 8).
-        tasks: runs unrolled side by side, each its own problem, their estimates averaged; ES / PES
-            only (None: 1; the reference's PES example: 16).
+        tasks: runs unrolled side by side, each its own problem, their estimates averaged (None: 1; the
+            reference's PES example: 16); on several processes the ranks share them (backprop) or their
+            particles (ES / PES).
         min_horizon: draw each training run's length log-uniformly in [min_horizon, horizon], a new
             length per run (None: every run lasts the horizon; the reference: [100, 10000], small
             scale [50, 500]); must not be below the truncation.
@@ -115,7 +116,7 @@ def estimator_of(options: UnrollOptions) -> Estimator:
     runs = {"min_horizon": options.min_horizon, "random_offset": options.random_offset,
             "max_loss": options.max_loss}
     if options.estimator == "backprop":
-        return TruncatedBackprop(options.truncation, **runs)
+        return TruncatedBackprop(options.truncation, tasks=1 if options.tasks is None else options.tasks, **runs)
     family = TruncatedES if options.estimator == "es" else PES
     return family(sigma=0.01 if options.sigma is None else options.sigma,
                   pairs=8 if options.pairs is None else options.pairs, truncation=options.truncation,

@@ -183,6 +183,8 @@ class RunConfig:
             test tasks use the seeds 3·seed, 3·seed + 1 and 3·seed + 2).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"...
         threads: intra-op CPU threads of training and evaluation (None: torch's default, one per core).
+        world_size: the processes that trained the run (recorded by :func:`metaopt.training.experiment.train`
+            from the launch, ``torchrun`` or ``--nproc``; not an input).
     """
 
     algorithm: Section
@@ -193,15 +195,18 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         for name, kind, what in (("seed", int, "an integer"), ("threads", int | None, "an integer or null"),
-                                 ("device", str, "a string")):
+                                 ("device", str, "a string"), ("world_size", int, "an integer")):
             value = getattr(self, name)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ConfigError(f"config field {name!r} must be {what}, got {value!r}")
         if self.seed < 0:
             raise ConfigError(f"config field 'seed' must be >= 0, got {self.seed}")
+        if self.world_size < 1:
+            raise ConfigError(f"config field 'world_size' must be >= 1, got {self.world_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"config field 'threads' must be >= 1, got {self.threads}")
         if self.device != "auto":
@@ -252,7 +257,7 @@ class RunConfig:
         return cls(**sections, trainer=TrainerConfig.from_dict(raw.get("trainer", {}), owner="the trainer"),
                    baselines=None if raw.get("baselines") is None else
                    BaselinesConfig.from_dict(raw["baselines"], owner="the baselines section"),
-                   **{k: raw[k] for k in ("seed", "device", "threads") if k in raw})
+                   **{k: raw[k] for k in ("seed", "device", "threads", "world_size") if k in raw})
 
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
@@ -270,8 +275,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-ready values."""
-        out: dict[str, Any] = {"seed": self.seed, "device": self.device, "threads": self.threads,
-                               "trainer": self.trainer.to_dict(), "data": self.data.to_dict()}
+        out: dict[str, Any] = {"seed": self.seed, "device": self.device, "threads": self.threads}
+        if self.world_size != 1:
+            out["world_size"] = self.world_size
+        out.update(trainer=self.trainer.to_dict(), data=self.data.to_dict())
         if self.model is not None:
             out["model"] = self.model.to_dict()
         out["algorithm"] = self.algorithm.to_dict()

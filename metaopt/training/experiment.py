@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from metaopt.options import ConfigError
 from metaopt.registry import BuildContext
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state, write_json
 from metaopt.training.config import RunConfig
+from metaopt.training.distributed import init_world
 from metaopt.training.legacy import convert_state, read_run_config
 from metaopt.training.logging import note
 from metaopt.training.trainer import MetaTrainer
@@ -49,10 +51,14 @@ SPLITS = ("train", "val", "test")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; other names are passed to :class:`torch.device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``"auto"`` is CUDA when available, else the CPU; other names are passed to :class:`torch.device`.
+
+    Under ``torchrun`` a CUDA device without an index is the local rank's (one GPU per process).
+    """
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 class Experiment:
@@ -198,6 +204,11 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     restores them from ``run_dir/last.pt``. The test result is written atomically to
     ``run_dir/final.json``.
 
+    Under ``torchrun`` every process calls it: the processes join one process group
+    (:func:`metaopt.training.distributed.init_world`), share the meta-training, and rank 0 alone
+    writes the run directory and scores the test problems (the other ranks return the trainer's
+    summary only); the config records the number of processes (``world_size``).
+
     Args:
         config: the run's config (written to ``run_dir/config.json``).
         run_dir: the run folder (default: :func:`default_run_dir`).
@@ -218,21 +229,27 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; pass a folder (it is created if missing)")
+    world = init_world(resolve_device(config.device))
+    config = config.replace(world_size=world.size)
     if not resume:
         _seed_global_generators(config.seed)
     with intra_op_threads(config.threads):
         experiment = build_experiment(config)
         trainer = MetaTrainer(experiment.learner, experiment.problems("train"), config,
                               estimator=experiment.estimator, val_problems=experiment.problems("val"),
-                              run_dir=run_dir, device=experiment.device)
+                              run_dir=run_dir, device=experiment.device, world=world)
         if resume:
             trainer.restore()
-            if trainer.finished and (run_dir / "final.json").exists():
+            complete = world.from_leader(lambda: (run_dir / "final.json").exists())
+            if trainer.finished and complete:
                 raise RunCompleteError(f"{run_dir} is complete (iteration {trainer.iteration} of "
                                   f"{config.trainer.iterations}); final.json is left as it was. Evaluate it again "
                                   f"with: metaopt eval --run {run_dir}; train it on with a larger --iterations")
-            note(f"resuming {run_dir} from iteration {trainer.iteration}")
+            if world.leader:
+                note(f"resuming {run_dir} from iteration {trainer.iteration}")
         summary = trainer.fit(resume=resume)
+        if not world.leader:
+            return {"train": summary, "rank": world.rank}
         best = run_dir / "best.pt"
         _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test", None,
                                          None)

@@ -52,18 +52,20 @@ class Progress:
         interval: seconds between two plain lines.
         stream: where plain lines go (default: standard output when it is not a terminal, else nowhere).
         bar: show a tqdm bar (default: when standard error is a terminal).
+        quiet: show nothing and write no plain lines (the ranks other than 0 of a distributed run).
     """
 
     def __init__(self, total: int, tasks: int = 1, start: int = 0, train_s: float = 0.0, budget_s: float | None = None,
                  log: str | Path | None = None, interval: float = 30.0, stream: IO[str] | None = None,
-                 bar: bool | None = None) -> None:
+                 bar: bool | None = None, quiet: bool = False) -> None:
         self.total, self.tasks, self.start, self.budget_s, self.interval = total, tasks, start, budget_s, interval
         self._start_train_s = train_s
-        self._stream = stream if stream is not None else (None if sys.stdout.isatty() else sys.stdout)
+        default = None if sys.stdout.isatty() else sys.stdout
+        self._stream = None if quiet else stream if stream is not None else default
         self._log = None if log is None else open(log, "a")  # noqa: SIM115  (closed in close())
         self._last_line, self._line_iteration = -float("inf"), None
         self._iteration, self._train_s, self._figures = start, train_s, {}
-        show = sys.stderr.isatty() if bar is None else bar
+        show = not quiet and (sys.stderr.isatty() if bar is None else bar)
         self._bar = tqdm(total=None if budget_s else total, initial=start, desc="meta-train", unit="it",
                          dynamic_ncols=True, disable=not show)
 

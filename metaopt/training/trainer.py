@@ -22,6 +22,10 @@ A run directory holds ``config.json``, ``metrics.jsonl``, TensorBoard events, ``
 ``best.pt``. ``fit(resume=True)`` restores ``last.pt`` (parameters, optimizer and schedule, the
 estimator's state, counters, random states) and continues exactly as an uninterrupted run would.
 
+Under ``torchrun`` (an initialised process group, or ``world``) every rank runs this loop: the
+estimator shares each meta-update's work over the ranks, rank 0 alone writes files, shows progress
+and evaluates, and the ranks agree on when to stop (:mod:`metaopt.training.distributed`).
+
 Example:
     >>> import tempfile
     >>> from metaopt.algorithms import MAML
@@ -43,6 +47,7 @@ import json
 import math
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,7 @@ from metaopt.training.checkpoint import (
 )
 from metaopt.training.clock import Clock
 from metaopt.training.config import RunConfig, TrainerConfig
+from metaopt.training.distributed import World, current_world
 from metaopt.training.legacy import convert_state, read_run_config
 from metaopt.training.logging import RunLogger
 from metaopt.training.progress import LOG_FILE, Progress
@@ -76,7 +82,7 @@ HIGHER_IS_BETTER = ("accuracy",)
 #: Config entries a resumed run may change (dotted: section.option): its length, and the fixes a run stopped by
 #: non-finite meta-updates needs.
 RESUMABLE_CHANGES = ("trainer.iterations", "trainer.time_budget", "trainer.max_nonfinite", "trainer.grad_clip",
-                     "trainer.grad_clip_value", "trainer.meta_lr", "device", "threads")
+                     "trainer.grad_clip_value", "trainer.meta_lr", "device", "threads", "world_size")
 _STATE_KEYS = ("algorithm", "meta_optimizer", "iteration", "model", "optimizer", "scheduler", "best", "nonfinite",
                "time", "rng")
 
@@ -125,12 +131,17 @@ class MetaTrainer:
         run_dir: folder for config, metrics, TensorBoard events and checkpoints (``None``: keep
             nothing on disk; resume is then impossible).
         device: where to train (default: where the learner's parameters are).
+        world: the processes sharing the run (default: those of the initialised process group, else this one).
     """
 
     def __init__(self, learner: Learner, train_problems: Any, config: TrainerConfig | RunConfig,
                  estimator: Estimator | None = None, val_problems: Any = None, run_dir: str | Path | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, world: World | None = None) -> None:
         self.device = torch.device(device) if device is not None else learner.device
+        self.world = world if world is not None else current_world()
+        if self.world.active:
+            estimator = estimator if estimator is not None else Backprop()
+            estimator.distribute(self.world)
         self.learner = learner.to(self.device)
         self.train_problems = train_problems
         self.val_problems = val_problems
@@ -149,6 +160,7 @@ class MetaTrainer:
         self._saved_iteration: int | None = None
         self._restored = False
         self._stop: int | None = None  # the signal that asked the run to stop
+        self._time_up = False  # the time budget is spent (agreed on by every rank)
 
     def _meta_optimizer(self) -> torch.optim.Optimizer:
         """Adam, SGD, or the learned optimizer of a trained run (the rule's own ``torch.optim`` interface)."""
@@ -241,8 +253,10 @@ class MetaTrainer:
 
     def _save(self, name: str) -> None:
         if self.run_dir is not None:
-            remove_stale_temporaries(self.run_dir)
-            save_checkpoint(self.run_dir / name, self.state_dict())
+            self.world.check_identical(self.learner, f"checkpoint {name} at iteration {self.iteration}")
+            if self.world.leader:
+                remove_stale_temporaries(self.run_dir)
+                save_checkpoint(self.run_dir / name, self.state_dict())
             self._saved_iteration = self.iteration
 
     # ------------------------------------------------------------------------------------- run
@@ -268,11 +282,14 @@ class MetaTrainer:
         elif not resume:
             self._clock = Clock()  # the run starts now, not when the trainer was built
             self._start()
+        self.world.check_identical(self.learner, f"the start of training at iteration {self.iteration}")
+        self._time_up = self.world.agree([self._out_of_time()])[0]
         summary: dict[str, Any] = {"train_loss": None, "val": None}
         budget = None if self.config.time_budget is None else 60 * self.config.time_budget
+        writes = self.run_dir if self.world.leader else None
         progress = Progress(self.config.iterations, self.train_problems.batch_size, self.iteration, self._spent(),
-                            budget, None if self.run_dir is None else self.run_dir / LOG_FILE)
-        with RunLogger(self.run_dir, start=self.iteration) as log, progress, self._stopping_on_signals():
+                            budget, None if writes is None else writes / LOG_FILE, quiet=not self.world.leader)
+        with RunLogger(writes, start=self.iteration) as log, progress, self._stopping_on_signals():
             while not self.finished:
                 summary["train_loss"], val = self._iterate(log, progress)
                 summary["val"] = val or summary["val"]
@@ -288,20 +305,26 @@ class MetaTrainer:
     @property
     def finished(self) -> bool:
         """Whether the run has done its iterations or spent its time budget."""
-        return self.iteration >= self.config.iterations or self._out_of_time()
+        return self.iteration >= self.config.iterations or self._time_up
 
     @contextlib.contextmanager
     def _stopping_on_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM ask the loop to stop after the meta-update under way; a second SIGINT stops at once."""
+        """SIGINT and SIGTERM ask the loop to stop after the meta-update under way; a second SIGINT stops at once.
+
+        Under ``torchrun`` a Ctrl-C reaches a rank twice, from the terminal and from the launcher that
+        forwards it: a second SIGINT within 2 s of the first counts as the same one.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        asked = [-math.inf]
 
         def ask_to_stop(signum: int, frame: object) -> None:
             del frame
-            if self._stop is not None and signum == signal.SIGINT:
+            repeated = self.world.active and time.monotonic() - asked[0] < 2.0
+            if self._stop is not None and signum == signal.SIGINT and not repeated:
                 raise KeyboardInterrupt
-            self._stop = signum
+            self._stop, asked[0] = signum, time.monotonic()
 
         previous = {signum: signal.signal(signum, ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -336,13 +359,16 @@ class MetaTrainer:
         tracking = done % config.log_every == 0 or done == config.iterations
         with self._clock.measure(tasks=self.train_problems.batch_size):
             metrics = self._train_step(track_steps=tracking)
-        last = done == config.iterations or self._out_of_time()
+        self._time_up, stop = self.world.agree([self._out_of_time(), self._stop is not None])
+        if stop and self._stop is None:  # another rank was asked to stop
+            self._stop = signal.SIGTERM
+        last = done == config.iterations or self._time_up
         record = {**metrics, **self._logged(), **self._clock.throughput()} if tracking or last else {}
         val, new_best = None, False
         if self.val_problems is not None and (done % config.eval_every == 0 or last) and self._stop is None:
             progress.message(f"iteration {done}: evaluating on {config.eval_episodes} validation problems")
-            result = evaluate(self.learner, self.val_problems, config.eval_episodes, device=self.device,
-                              progress="validation")
+            result = self.world.from_leader(lambda: evaluate(self.learner, self.val_problems, config.eval_episodes,
+                                                             device=self.device, progress="validation"))
             record.update({f"val/{result.metric}": result.mean, f"val/{result.metric}_ci95": result.ci95})
             val = {"metric": result.metric, "mean": result.mean, "ci95": result.ci95}
             new_best = self._update_best(result)
@@ -362,21 +388,33 @@ class MetaTrainer:
     def _start(self) -> None:
         if self.run_dir is None:
             return
+        self.world.from_leader(self._create_run_dir)
+        self._save("last.pt")  # iteration 0: a killed run can always be resumed
+
+    def _create_run_dir(self) -> None:
         if (self.run_dir / "last.pt").exists():
             raise CheckpointError(f"{self.run_dir} already holds a run (last.pt); continue it with resume=True "
                                   "(metaopt train --resume) or choose another run directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", self._recorded_config())
-        self._save("last.pt")  # iteration 0: a killed run can always be resumed
 
     def restore(self) -> None:
         """Load ``run_dir/last.pt`` to resume the run (:meth:`fit` with ``resume=True`` calls it), checking the config.
 
         Only :data:`RESUMABLE_CHANGES` may differ from the run's ``config.json``, which is then rewritten.
+        Of a distributed run rank 0 reads the checkpoint and sends it to the other ranks.
         """
         if self.run_dir is None:
             raise CheckpointError("resume=True needs the run_dir of the run to continue")
         path = self.run_dir / "last.pt"
+        self.load_state_dict(self.world.from_leader(lambda: self._read_last(path)), path)
+        self._time_up = self._out_of_time()
+        if self.world.leader:
+            write_json(self.run_dir / "config.json", self._recorded_config())
+        self._restored = True
+
+    def _read_last(self, path: Path) -> dict[str, Any]:
+        """``last.pt`` of the run, after checking that this trainer's config may continue it."""
         config_path = self.run_dir / "config.json"
         remove_stale_temporaries(self.run_dir)
         if config_path.exists():
@@ -390,15 +428,15 @@ class MetaTrainer:
             if changed:
                 raise CheckpointError(f"{config_path} differs from this trainer's config in {changed}; a resumed run "
                                       f"must keep its config (only {list(RESUMABLE_CHANGES)} may change)")
-        self.load_state_dict(load_checkpoint(path, required=_STATE_KEYS), path)
-        write_json(config_path, self._recorded_config())
-        self._restored = True
+        return load_checkpoint(path, required=_STATE_KEYS)
 
     def _train_step(self, track_steps: bool) -> dict[str, float]:
         """One meta-update from the estimator's meta-gradient; non-finite ones are skipped and counted."""
         self.optimizer.zero_grad(set_to_none=True)
         self.learner.set_epoch(self.epoch(self.iteration))
+        before = {name: b.clone() for name, b in self.learner.named_buffers()} if self.world.active else {}
         estimate = self.estimator.estimate(self.learner, self.train_problems, self.iteration, track_steps=track_steps)
+        self.world.sync_buffers(self.learner, before)
         grad_norm = self._clip_gradients() if math.isfinite(estimate.loss) else math.nan
         if math.isfinite(grad_norm):
             if isinstance(self.optimizer, RuleOptimizer):  # a learned meta-optimizer may read the meta-loss

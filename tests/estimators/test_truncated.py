@@ -148,7 +148,8 @@ def test_the_carried_state_round_trips_and_continues_the_run_exactly() -> None:
         cut.estimate(learner, stream, i)
     saved = cut.state_dict()
     assert saved["started"] == 1 and saved["carried"]["step"] == 4 and isinstance(cut, Estimator)
-    assert sorted(saved["carried"]) == ["length", "params", "state", "step"] and saved["carried"]["length"] == 6
+    assert sorted(saved["carried"]) == ["length", "params", "problem", "state", "step"]
+    assert saved["carried"]["length"] == 6 and saved["carried"]["problem"] == 0
     assert not saved["carried"]["params"]["theta"].requires_grad  # detached: a truncation boundary
     resumed = TruncatedBackprop(truncation=2)
     resumed.load_state_dict(saved)  # rebuilds the live run's problem from the stream

@@ -30,12 +30,13 @@ def test_each_estimator_gets_its_settings() -> None:
     assert isinstance(es, TruncatedES) and es.settings() == TruncatedES(truncation=4).settings()  # σ 0.01, 8 pairs
     pes = estimator_of(UnrollOptions(estimator="pes", sigma=0.1, pairs=3, tasks=4, truncation=2, horizon=6))
     assert isinstance(pes, PES) and (pes.sigma, pes.pairs, pes.tasks, pes.truncation) == (0.1, 3, 4, 2)
+    assert estimator_of(UnrollOptions(truncation=5, tasks=3)).tasks == 3
 
 
 @pytest.mark.parametrize("options, message", [
     ({"sigma": 0.1}, "option 'sigma' belongs to the ES and PES estimators; it does nothing with estimator='backprop'"),
     ({"pairs": 4}, "option 'pairs' belongs to the ES and PES estimators"),
-    ({"tasks": 4}, "option 'tasks' belongs to the ES and PES estimators"),
+    ({"vmap_particles": True}, "option 'vmap_particles' belongs to the ES and PES estimators"),
     ({"estimator": "pes", "tasks": 0}, "option 'tasks' must be > 0"),
     ({"estimator": "pes", "second_derivatives": True}, "option 'second_derivatives' is of backpropagation; "
                                                        "estimator='pes' reads losses only"),

@@ -194,7 +194,7 @@ def test_trainer_resume_with_another_config_is_refused(tmp_path):
                                               r"\['trainer.iterations', 'trainer.time_budget', "
                                               r"'trainer.max_nonfinite', "
                                               r"'trainer.grad_clip', 'trainer.grad_clip_value', 'trainer.meta_lr', "
-                                              r"'device', 'threads'\] may change"):
+                                              r"'device', 'threads', 'world_size'\] may change"):
         _trainer(tmp_path, epoch_length=7).fit(resume=True)
     assert _trainer(tmp_path, iterations=5, time_budget=10.0).fit(resume=True)["iteration"] == 5  # may change
     assert json.loads((tmp_path / "config.json").read_text())["iterations"] == 5

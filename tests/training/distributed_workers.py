@@ -1,0 +1,113 @@
+"""The runs the distributed tests compare: each built alike on one process and on every rank of a gloo group.
+
+A case builds a learner, its problems and its estimator from fixed seeds, and returns the first
+meta-gradient and the meta-parameters after three outer steps of the trainer. :func:`worker` runs
+the cases on one rank of a group and rank 0 saves what they return.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from metaopt.algorithms import MAML, MetaSGD
+from metaopt.algorithms.lstm_optimizer import LSTMOptimizerRule
+from metaopt.algorithms.rule_search import RuleController, RuleSearch
+from metaopt.datasets import Quadratics
+from metaopt.engine.optimizer_learner import OptimizerLearner
+from metaopt.estimators import PES, PPO, Backprop, Estimator, TruncatedBackprop, TruncatedES
+from metaopt.problems.optimizees import OptimizeeStream
+from metaopt.training.config import TrainerConfig
+from metaopt.training.distributed import World
+from metaopt.training.trainer import MetaTrainer
+from tests.helpers import tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch
+
+
+class ImageTasks:
+    """Batches of 4 random 3-way 2-shot float32 image tasks (batch ``i`` drawn from seed ``i``)."""
+
+    batch_size = 4
+
+    def batch(self, index: int) -> Any:
+        return toy_classification_batch(tasks=4, seed=index, dtype=torch.float32)
+
+
+class SineTasks:
+    """Batches of 5 float64 sine regression tasks: 5 over 2 ranks shares unevenly (3 and 2)."""
+
+    batch_size = 5
+
+    def batch(self, index: int) -> Any:
+        return toy_regression_batch(tasks=5, seed=index)
+
+
+class AdamRewards:
+    """Reward 1 for rules that read the Adam update, else 0.1 (a child training's stand-in)."""
+
+    batch_size, seed = 8, 0
+
+    def reward(self, rule: Any) -> float:
+        return 1.0 if "adam" in rule.key else 0.1
+
+
+def _lstm(horizon: int) -> OptimizerLearner:
+    return OptimizerLearner(LSTMOptimizerRule(hidden=6), horizon=horizon)
+
+
+#: name -> (learner, problems, estimator), built from fixed seeds.
+CASES: dict[str, Callable[[], tuple[Any, Any, Estimator]]] = {
+    "maml-second-order-batchnorm": lambda: (MAML(tiny_convnet().float(), inner_lr=0.1, inner_steps=2), ImageTasks(),
+                                            Backprop()),
+    "metasgd": lambda: (MetaSGD(tiny_mlp(), init=0.05, inner_steps=2), SineTasks(), Backprop()),
+    "truncated-backprop-lstm": lambda: (_lstm(6), OptimizeeStream(Quadratics(dim=3, batch=2), first=0),
+                                        TruncatedBackprop(truncation=2, tasks=3)),
+    "es": lambda: (_lstm(6), OptimizeeStream(Quadratics(dim=3, batch=2), first=0),
+                   TruncatedES(sigma=0.01, pairs=3, truncation=2, tasks=2)),
+    "pes": lambda: (_lstm(3), OptimizeeStream(Quadratics(dim=3, batch=2), first=0),
+                    PES(sigma=0.01, pairs=2, truncation=2)),
+    "ppo": lambda: (RuleSearch(RuleController(groups=1, hidden=8), eval_steps=1), AdamRewards(),
+                    PPO("ppo", epochs=2)),
+}
+
+
+def _build(name: str) -> tuple[Any, Any, Estimator]:
+    torch.manual_seed(0)
+    return CASES[name]()
+
+
+def run_case(name: str, world: World) -> dict[str, Any]:
+    """The first meta-gradient of case ``name`` and its meta-parameters after 3 outer steps, on ``world``."""
+    learner, problems, estimator = _build(name)
+    if world.active:
+        estimator.distribute(world)
+    estimate = estimator.estimate(learner, problems, 0)
+    grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    learner, problems, estimator = _build(name)
+    # SGD, not Adam: the conv biases before batch norm get gradients that are rounding noise (batch norm cancels
+    # them), which Adam would scale up to steps of its learning rate in directions the summation order decides
+    config = TrainerConfig(iterations=3, meta_optimizer="sgd", meta_lr=0.1, eval_every=1000, checkpoint_every=1000,
+                           log_every=1)
+    MetaTrainer(learner, problems, config, estimator=estimator, world=world).fit()
+    return {"loss": estimate.loss, "grads": grads, "params": {n: p.detach().clone() for n, p in
+                                                                learner.named_parameters()},
+            "buffers": {n: b.clone() for n, b in learner.named_buffers()}}
+
+
+def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
+    """Join the gloo group on ``port`` as ``rank`` of ``size``, run the cases; rank 0 saves them to ``out``."""
+    os.environ.update(LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        results = {name: run_case(name, World(rank, size)) for name in names}
+        if rank == 0:
+            torch.save(results, Path(out))
+    finally:
+        dist.destroy_process_group()
