@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +16,9 @@ import torch
 import torch.multiprocessing as mp
 
 from metaopt.estimators import Backprop, TruncatedBackprop
+from metaopt.training.checkpoint import load_checkpoint
 from metaopt.training.distributed import SINGLE, DistributedError, World
+from metaopt.training.logging import read_metrics
 from tests.training import distributed_workers
 from tests.training.distributed_workers import CASES, run_case
 
@@ -74,3 +82,69 @@ def test_a_single_process_collective_is_the_identity(tmp_path: Path) -> None:
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.full((2,), 2.0)
     assert SINGLE.all_reduce_gradients([p], 0.5, {"loss": 1.0}) == {"loss": 1.0} and p.grad.tolist() == [2.0, 2.0]
+
+
+# ------------------------------------------------------------------ the command line: --nproc, SIGKILL, resume
+
+SINUSOID = ["--preset", "maml-sinusoid-5shot", "--iterations", "400", "--log-every", "10", "--checkpoint-every", "100",
+            "--eval-every", "200", "--eval-episodes", "8", "--test-episodes", "8", "--threads", "1"]
+
+
+def metaopt_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "metaopt", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the process of ``rank`` that ``launcher`` (the ``metaopt train --nproc`` process) started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            ancestors, pid = [], int(entry.name)
+            while pid > 1:
+                pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ancestors.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ) and \
+                launcher in ancestors:
+            return int(entry.name)
+    return None
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.pt", required=["model"])["model"]
+
+
+def test_sigkill_of_a_rank_stops_the_other_with_the_rank_named_and_resume_equals_an_uninterrupted_run(
+        tmp_path: Path) -> None:
+    whole = metaopt_train("--nproc", "2", *SINUSOID, "--run-dir", str(tmp_path / "whole"))
+    killed = metaopt_train("--nproc", "2", *SINUSOID, "--run-dir", str(tmp_path / "killed"))
+    metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or
+                                           len(read_metrics(metrics)) < 16 or rank_pid(killed.pid, 1) is None):
+        time.sleep(0.05)  # past the checkpoint of iteration 100, before 400
+    os.kill(rank_pid(killed.pid, 1), signal.SIGKILL)
+    output = killed.communicate(timeout=90)[0]
+    assert killed.returncode != 0
+    assert "rank 0 of 2: the all-reduce of the meta-gradient failed" in output and "rank 1 did not answer" in output
+    saved = load_checkpoint(tmp_path / "killed" / "last.pt", required=["iteration"])["iteration"]
+    assert 100 <= saved < 400
+    assert whole.communicate(timeout=120)[0] and whole.returncode == 0
+    resumed = metaopt_train("--nproc", "2", "--resume", str(tmp_path / "killed"))
+    assert resumed.communicate(timeout=120)[0] and resumed.returncode == 0
+    for name, value in final_parameters(tmp_path / "whole").items():
+        assert torch.equal(final_parameters(tmp_path / "killed")[name], value), name
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["world_size"] == 2
+
+
+def test_a_run_of_two_processes_resumes_on_one(tmp_path: Path) -> None:
+    two = metaopt_train("--nproc", "2", *SINUSOID, "--iterations", "100", "--run-dir", str(tmp_path / "run"))
+    assert two.communicate(timeout=120)[0] and two.returncode == 0
+    one = metaopt_train("--resume", str(tmp_path / "run"), "--iterations", "120")
+    output = one.communicate(timeout=120)[0]
+    assert one.returncode == 0, output
+    assert load_checkpoint(tmp_path / "run" / "last.pt", required=["iteration"])["iteration"] == 120
+    assert "world_size" not in json.loads((tmp_path / "run" / "config.json").read_text())  # now 1, the default
