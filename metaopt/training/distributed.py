@@ -248,8 +248,8 @@ SINGLE = World()
 
 def _digest(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()  # the bytes and the dtype
-        return hashlib.sha1(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() + str(tensor.dtype).encode()).hexdigest()
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        return hashlib.sha1(tensor.view(torch.uint8).numpy().tobytes() + str(tensor.dtype).encode()).hexdigest()
     return hashlib.sha1(repr(value).encode()).hexdigest()
 
 
