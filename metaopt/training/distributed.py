@@ -265,11 +265,13 @@ def current_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
+def init_world(device: torch.device, timeout_s: float | None = None) -> World:
     """Join the process group ``torchrun`` set up in the environment (``WORLD_SIZE`` > 1), or stay alone.
 
     The backend is NCCL for CUDA devices (each local rank on its own device) and gloo otherwise.
-    ``timeout_s`` bounds how long a rank waits for the others in a collective.
+    ``timeout_s`` bounds how long a rank waits for the others in a collective (default: the environment's
+    ``METAOPT_DIST_TIMEOUT``, else 1800 s: longer than rank 0's evaluations, which the others wait for).
+    A rank that dies is noticed at once (its connections close); the timeout catches a rank that hangs.
 
     Raises:
         DistributedError: a CUDA run with more local ranks than devices.
@@ -285,6 +287,8 @@ def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
                                    "start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local_rank)
         backend = "nccl"
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("METAOPT_DIST_TIMEOUT", "1800"))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return current_world()
 

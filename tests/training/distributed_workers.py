@@ -24,7 +24,7 @@ from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators import PES, PPO, Backprop, Estimator, TruncatedBackprop, TruncatedES
 from metaopt.problems.optimizees import OptimizeeStream
 from metaopt.training.config import TrainerConfig
-from metaopt.training.distributed import World
+from metaopt.training.distributed import DistributedError, World
 from metaopt.training.trainer import MetaTrainer
 from tests.helpers import tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch
 
@@ -64,6 +64,8 @@ def _lstm(horizon: int) -> OptimizerLearner:
 CASES: dict[str, Callable[[], tuple[Any, Any, Estimator]]] = {
     "maml-second-order-batchnorm": lambda: (MAML(tiny_convnet().float(), inner_lr=0.1, inner_steps=2), ImageTasks(),
                                             Backprop()),
+    "maml-running-batchnorm": lambda: (MAML(tiny_convnet().float(), inner_lr=0.1, bn_policy="running"), ImageTasks(),
+                                       Backprop()),
     "metasgd": lambda: (MetaSGD(tiny_mlp(), init=0.05, inner_steps=2), SineTasks(), Backprop()),
     "truncated-backprop-lstm": lambda: (_lstm(6), OptimizeeStream(Quadratics(dim=3, batch=2), first=0),
                                         TruncatedBackprop(truncation=2, tasks=3)),
@@ -94,9 +96,23 @@ def run_case(name: str, world: World) -> dict[str, Any]:
     config = TrainerConfig(iterations=3, meta_optimizer="sgd", meta_lr=0.1, eval_every=1000, checkpoint_every=1000,
                            log_every=1)
     MetaTrainer(learner, problems, config, estimator=estimator, world=world).fit()
+    world.check_identical(learner, f"the end of case {name}")  # buffers too: running statistics are synced
     return {"loss": estimate.loss, "grads": grads, "params": {n: p.detach().clone() for n, p in
                                                                 learner.named_parameters()},
             "buffers": {n: b.clone() for n, b in learner.named_buffers()}}
+
+
+def diverged(world: World) -> str:
+    """The error :meth:`World.check_identical` raises when rank 1's copy of a model differs."""
+    model = tiny_mlp()
+    if world.rank == 1:
+        with torch.no_grad():
+            model[2].bias.add_(1e-12)
+    try:
+        world.check_identical(model, "a test")
+    except DistributedError as error:
+        return str(error)
+    return "no error"
 
 
 def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
@@ -106,7 +122,8 @@ def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        results = {name: run_case(name, World(rank, size)) for name in names}
+        results: dict[str, Any] = {name: run_case(name, World(rank, size)) for name in names}
+        results["diverged"] = diverged(World(rank, size))
         if rank == 0:
             torch.save(results, Path(out))
     finally:

@@ -42,7 +42,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 # float sums run in another order, so float32 cases agree to ~1e-7 relative per operation, and 3 SGD
 # steps of lr 0.1 keep the parameters within 1e-6. Float64 cases (Meta-SGD) agree to ~1e-15. ES, PES and
 # PPO compute every particle and child exactly as one process does, then the same estimate: equal bit for bit.
-TOLERANCE = {"maml-second-order-batchnorm": (1e-5, 1e-6), "metasgd": (1e-10, 1e-12),
+TOLERANCE = {"maml-second-order-batchnorm": (1e-5, 1e-6), "maml-running-batchnorm": (1e-5, 1e-6), "metasgd": (1e-10, 1e-12),
              "truncated-backprop-lstm": (1e-5, 1e-6), "es": (0.0, 0.0), "pes": (0.0, 0.0), "ppo": (0.0, 0.0)}
 
 
@@ -52,11 +52,28 @@ def test_two_processes_give_the_meta_gradient_and_parameters_of_one(name: str, t
     rtol, atol = TOLERANCE[name]
     assert ours["loss"] == pytest.approx(alone["loss"], rel=max(rtol, 1e-12))
     assert sorted(ours["grads"]) == sorted(alone["grads"]) and alone["grads"]
-    for part in ("grads", "params", "buffers"):
+    # running statistics: each rank accumulates its tasks', the ranks then average them (one process compounds
+    # the tasks' updates one after another), so they and the parameters trained after them are not compared
+    parts = ("grads",) if name == "maml-running-batchnorm" else ("grads", "params", "buffers")
+    for part in parts:
         for key, value in alone[part].items():
             torch.testing.assert_close(ours[part][key], value, rtol=rtol, atol=atol, msg=f"{name} {part} {key}")
     moved = sum((alone["params"][k] - v).abs().sum() for k, v in run_case(name, SINGLE)["params"].items())
     assert moved == 0  # one process is deterministic: the comparison is not between two noisy runs
+
+
+def test_running_statistics_are_averaged_over_the_ranks_and_stay_close_to_one_process(two_processes: dict) -> None:
+    ours, alone = two_processes["maml-running-batchnorm"], run_case("maml-running-batchnorm", SINGLE)
+    means = [k for k in alone["buffers"] if k.endswith("running_mean")]
+    assert means and all(not torch.equal(alone["buffers"][k], torch.zeros_like(alone["buffers"][k])) for k in means)
+    for key in means:
+        torch.testing.assert_close(ours["buffers"][key], alone["buffers"][key], rtol=0.2, atol=0.05)
+    tracked = [k for k in alone["buffers"] if k.endswith("num_batches_tracked")]
+    assert all(int(ours["buffers"][k]) == int(alone["buffers"][k]) > 0 for k in tracked)  # every rank's passes
+
+
+def test_ranks_whose_parameters_differ_are_named_with_the_tensor(two_processes: dict) -> None:
+    assert two_processes["diverged"].startswith("a test: 2.bias differs between rank 0 and rank 1")
 
 
 def test_a_share_of_the_items_is_contiguous_and_the_shares_cover_them_once() -> None:
