@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from metaopt.estimators import Backprop, TruncatedBackprop
+from metaopt.estimators import Backprop, Estimator, TruncatedBackprop
 from metaopt.training.checkpoint import load_checkpoint
+from metaopt.training.config import TrainerConfig
 from metaopt.training.distributed import SINGLE, DistributedError, World
 from metaopt.training.logging import read_metrics
+from metaopt.training.trainer import MetaTrainer
 from tests.training import distributed_workers
 from tests.training.distributed_workers import CASES, run_case
 
@@ -92,6 +94,16 @@ def test_work_that_cannot_be_shared_is_refused_with_the_fix() -> None:
     estimator.distribute(World(3, 4))
     with pytest.raises(DistributedError, match="a batch of 3 tasks cannot be shared over 4 processes"):
         estimator._share(distributed_workers.toy_regression_batch(tasks=3))
+
+
+def test_an_estimator_that_cannot_share_its_work_is_refused_when_the_trainer_is_built() -> None:
+    class Alone(Estimator):
+        def estimate(self, learner, problems, iteration, track_steps=False):  # noqa: ANN001, ANN201
+            raise AssertionError("never called")
+
+    learner, problems, _ = CASES["metasgd"]()
+    with pytest.raises(DistributedError, match="Alone cannot share its estimates over processes; run it on one"):
+        MetaTrainer(learner, problems, TrainerConfig(iterations=1), estimator=Alone(), world=World(0, 2))
 
 
 def test_a_single_process_collective_is_the_identity(tmp_path: Path) -> None:
