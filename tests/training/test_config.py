@@ -69,7 +69,7 @@ def test_a_run_config_is_a_trainer_config_and_one_section_per_part():
 
 def test_required_options_exist():
     """What 0.1's flat config held lives in the section of its owner."""
-    run = {"algorithm", "data", "model", "trainer", "baselines", "seed", "device", "threads"}
+    run = {"algorithm", "data", "model", "trainer", "baselines", "seed", "device", "threads", "world_size"}
     assert run == {f.name for f in dataclasses.fields(RunConfig)}
     trainer = {"meta_lr", "iterations", "grad_clip", "grad_clip_value", "eval_every", "eval_episodes",
                "test_episodes", "checkpoint_every", "log_every", "max_nonfinite", "meta_optimizer",
@@ -88,7 +88,7 @@ def test_required_options_exist():
 def test_unknown_key_suggests_the_closest(key, suggestion):
     with pytest.raises(ConfigError, match=f"unknown config key '{key}' \\(did you mean '{suggestion}'\\?\\); a run "
                                           "config has algorithm, data, model, trainer, baselines, seed, device, "
-                                          "threads$"):
+                                          "threads, world_size$"):
         RunConfig.from_dict({**BASE, key: 1})
 
 

@@ -38,7 +38,10 @@ def test_a_flat_config_becomes_sections_with_what_its_algorithm_read(fewshot_run
 def test_a_legacy_run_evaluates_to_its_recorded_result(fewshot_run, capsys):
     assert main(["eval", "--run", str(fewshot_run)]) == 0
     recorded = json.loads((fewshot_run / "final.json").read_text())["result"]
-    assert json.loads((fewshot_run / "eval.json").read_text())["result"] == recorded
+    result = json.loads((fewshot_run / "eval.json").read_text())["result"]
+    assert result.keys() == recorded.keys()
+    for key, value in recorded.items():  # bit for bit on the recording's CPU; other CPUs' kernels round differently
+        assert result[key] == (pytest.approx(value, rel=1e-7) if isinstance(value, float) else value), key
     assert recorded["protocol"]["bn_policy"] in capsys.readouterr().out
 
 
