@@ -74,6 +74,8 @@ BETAS = (0.9, 0.999, 0.999)
 OPERANDS = ("g", "g2", "g3", "m", "v", "y", "sign_g", "sign_m", "1", "2", "noise", "wd4", "wd3", "wd2", "wd1",
             "adam", "rmsprop", "ld", "cd", "rd")
 DECAY_OPERANDS = {"ld": "linear", "cd": "cosine", "rd": "restart"}
+#: The operands that read each running average m, v, y.
+_MOMENT_READERS = (("m", "sign_m", "adam"), ("v", "adam", "rmsprop"), ("y",))
 UNARY: dict[str, Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = {
     "id": lambda x, gen: x,
     "neg": lambda x, gen: -x,
@@ -228,6 +230,10 @@ class Rule:
         live = {operand for group in self.canonical().groups for operand in group.arguments()}
         return set(operands) <= live
 
+    def moments_read(self) -> tuple[bool, bool, bool]:
+        """Whether the update reads each running average m, v, y (an unread one need not be kept up to date)."""
+        return tuple(any(self.reads(op) for op in ops) for ops in _MOMENT_READERS)
+
     def optimizer(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
                   decay_steps: int | None = None, seed: int = 0) -> DSLOptimizer:
         """This rule as a ``torch.optim`` optimizer with step size λ = ``lr`` (:class:`DSLOptimizer`)."""
@@ -314,7 +320,7 @@ def rule_update(rule: Rule, grad: torch.Tensor, param: torch.Tensor, moments: Se
 
     def operand(name: str) -> torch.Tensor:
         if name not in cache:
-            cache[name] = _operand(name, grad, param, moments, t, decay_steps, generator, cache)
+            cache[name] = _operand(name, grad, param, moments, t, decay_steps, generator, operand)
         return cache[name]
 
     for k, group in enumerate(rule.groups):
@@ -326,15 +332,19 @@ def rule_update(rule: Rule, grad: torch.Tensor, param: torch.Tensor, moments: Se
 
 def _operand(name: str, g: torch.Tensor, w: torch.Tensor, moments: Sequence[torch.Tensor], t: int,
              decay_steps: int | None, generator: torch.Generator | None,
-             cache: dict[str, torch.Tensor]) -> torch.Tensor:
-    m, v, y = (moment / (1 - beta ** t) for moment, beta in zip(moments, BETAS))
+             operand: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The operand ``name``; ``operand`` gives the others it is made of (each computed once per update)."""
+    if name in ("m", "v", "y"):  # bias-corrected
+        index = "mvy".index(name)
+        return moments[index] / (1 - BETAS[index] ** t)
     table: dict[str, Callable[[], torch.Tensor]] = {
-        "g": lambda: g, "g2": lambda: g * g, "g3": lambda: g * g * g, "m": lambda: m, "v": lambda: v, "y": lambda: y,
-        "sign_g": lambda: torch.sign(g), "sign_m": lambda: torch.sign(m),
+        "g": lambda: g, "g2": lambda: g * g, "g3": lambda: g * g * g,
+        "sign_g": lambda: torch.sign(g), "sign_m": lambda: torch.sign(operand("m")),
         "1": lambda: torch.ones_like(g), "2": lambda: torch.full_like(g, 2.0),
         "noise": lambda: 0.1 * torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
         "wd4": lambda: 1e-4 * w, "wd3": lambda: 1e-3 * w, "wd2": lambda: 1e-2 * w, "wd1": lambda: 1e-1 * w,
-        "adam": lambda: m / (torch.sqrt(v) + EPS), "rmsprop": lambda: g / (torch.sqrt(v) + EPS),
+        "adam": lambda: operand("m") / (torch.sqrt(operand("v")) + EPS),
+        "rmsprop": lambda: g / (torch.sqrt(operand("v")) + EPS),
     }
     if name in DECAY_OPERANDS:
         if decay_steps is None:
@@ -343,14 +353,17 @@ def _operand(name: str, g: torch.Tensor, w: torch.Tensor, moments: Sequence[torc
     return table[name]()
 
 
-def _moments_updated(moments: Sequence[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
-    """The running averages of g, g², g³ after ``grad`` (pure)."""
-    powers = (grad, grad * grad, grad * grad * grad)
-    return [beta * moment + (1 - beta) * power for moment, power, beta in zip(moments, powers, BETAS)]
+def _moments_updated(moments: Sequence[torch.Tensor], grad: torch.Tensor,
+                     read: Sequence[bool] = (True, True, True)) -> list[torch.Tensor]:
+    """The running averages of g, g², g³ after ``grad`` (pure); those not ``read`` stay as they were."""
+    powers = (lambda: grad, lambda: grad * grad, lambda: grad * grad * grad)
+    return [beta * moment + (1 - beta) * power() if kept else moment
+            for moment, power, beta, kept in zip(moments, powers, BETAS, read)]
 
 
 def _check_finite(updates: Sequence[torch.Tensor], rule: Rule) -> None:
-    if updates and not bool(torch.stack([torch.isfinite(u).all() for u in updates]).all()):
+    # the largest magnitude of each update (NaN if it holds a NaN): one pass over each tensor, no boolean temporaries
+    if updates and not bool(torch.isfinite(torch.stack(torch._foreach_norm(list(updates), math.inf))).all()):
         raise InvalidUpdateError(f"the update of rule {rule} is not finite (NaN or infinite); the rule is invalid")
 
 
@@ -388,7 +401,8 @@ class DSLRule(UpdateRule):
 
     def step(self, params: Params, grads: Params, state: dict[str, Any], info: StepInfo) -> tuple[Params, Any]:
         t = state["t"] + 1
-        moments = {name: _moments_updated(state["moments"][name], grads[name]) for name in params}
+        read = self.rule.moments_read()
+        moments = {name: _moments_updated(state["moments"][name], grads[name], read) for name in params}
         updates = {name: rule_update(self.rule, grads[name], params[name], moments[name], t, self.decay_steps)
                    for name in params}
         _check_finite(list(updates.values()), self.rule)
@@ -424,6 +438,7 @@ class DSLOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "rule": str(rule), "decay_steps": decay_steps})
         self.seed = seed
         self._rules: dict[str, Rule] = {}
+        self._read: dict[str, tuple[bool, bool, bool]] = {}  # the moments each rule reads (moments_read)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -446,6 +461,7 @@ class DSLOptimizer(torch.optim.Optimizer):
     def _rule(self, text: str) -> Rule:
         if text not in self._rules:
             self._rules[text] = parse(text)
+            self._read[text] = self._rules[text].moments_read()
         return self._rules[text]
 
     @torch.no_grad()
@@ -455,12 +471,14 @@ class DSLOptimizer(torch.optim.Optimizer):
         pending = []
         for group in self.param_groups:
             rule = self._rule(group["rule"])
+            read = self._read[group["rule"]]
             updates = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                moments = _moments_updated(state.get("moments", [torch.zeros_like(p) for _ in BETAS]), p.grad)
+                previous = state["moments"] if "moments" in state else [torch.zeros_like(p) for _ in BETAS]
+                moments = _moments_updated(previous, p.grad, read)
                 t = state.get("step", 0) + 1
                 updates.append((p, rule_update(rule, p.grad, p, moments, t, group["decay_steps"],
                                                self._generator(p.device)), moments, t))

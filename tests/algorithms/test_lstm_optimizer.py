@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaopt.algorithms.lstm_optimizer import L2LOptions, LearnedOptimizer, LSTMOptimizerRule
+from metaopt.algorithms.lstm_optimizer import L2LOptions, LearnedOptimizer, LSTMOptimizerRule, _pack, _unpack
 from metaopt.datasets.quadratics import Quadratics
 from metaopt.engine.coordinatewise import LSTMState, preprocess
 from metaopt.engine.optimizer_learner import OptimizerLearner
@@ -379,3 +379,27 @@ def test_rule_checkpoint_and_pretrained_exclude_each_other() -> None:
         LearnedOptimizer([torch.zeros(2)], rule=LSTMOptimizerRule(), pretrained="l2l-mnist")
     with pytest.raises(ValueError, match=re.escape("exactly one of them; got none")):
         LearnedOptimizer([torch.zeros(2)])
+
+
+def test_the_shared_state_buffer_follows_the_parameters_with_a_gradient_and_state_dicts_are_snapshots() -> None:
+    """The LSTM states of all parameters live in one buffer; a parameter without a gradient keeps its rows."""
+    torch.manual_seed(0)
+    rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
+    a, b = torch.zeros(3), torch.zeros(2)
+    opt = LearnedOptimizer([a, b], rule=rule)
+    state = rule.init({"a": a, "b": b})
+    for present in ([a, b], [a], [a, b]):  # b has no gradient at the second step
+        grads = [torch.randn(p.shape) for p in present]
+        with torch.no_grad():
+            rows = [s[:, :3] for s in _pack(state)] if len(present) == 1 else list(_pack(state))
+            _, new = rule.update(torch.cat(grads), _unpack(torch.stack(rows)))
+        packed = _pack(new)
+        state = _unpack(packed if len(present) == 2 else torch.cat([packed, _pack(state)[:, :, 3:]], dim=2))
+        snapshot = opt.state_dict()
+        before = {k: v["lstm"].clone() for k, v in snapshot["state"].items()}
+        a.grad = b.grad = None
+        feed(opt, present, grads)
+        assert all(torch.equal(snapshot["state"][k]["lstm"], v) for k, v in before.items())  # the step left it
+        assert torch.equal(torch.cat([opt.state[a]["lstm"], opt.state[b]["lstm"]], dim=2), _pack(state))
+    assert (opt.state[a]["step"], opt.state[b]["step"]) == (3, 2)
+    assert opt.state_dict()["state"][1]["lstm"].untyped_storage().nbytes() == 2 * 2 * 2 * 20 * 4  # its rows only

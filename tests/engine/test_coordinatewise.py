@@ -61,6 +61,22 @@ def test_coordinate_lstm_equals_torch_lstm_run_per_coordinate() -> None:
     torch.testing.assert_close(torch.stack(outputs), expected)
 
 
+def test_without_autograd_the_in_place_step_is_the_same_bit_for_bit() -> None:
+    """A learned optimizer's step (no autograd) computes the gates in place; the inputs' states stay as they were."""
+    torch.manual_seed(0)
+    lstm = CoordinateLSTM(2, hidden=20, layers=2)
+    state = [(torch.randn(50, 20), torch.randn(50, 20)) for _ in range(2)]
+    kept = [(h.clone(), c.clone()) for h, c in state]
+    x = torch.randn(50, 2)
+    out, new = lstm(x, state)
+    with torch.no_grad():
+        out_in_place, new_in_place = lstm(x, state)
+    assert out.requires_grad and not out_in_place.requires_grad
+    assert torch.equal(out, out_in_place)
+    assert all(torch.equal(a, b) for pair, other in zip(new, new_in_place) for a, b in zip(pair, other))
+    assert all(torch.equal(a, b) for pair, other in zip(state, kept) for a, b in zip(pair, other))
+
+
 def test_coordinate_lstm_needs_a_layer() -> None:
     with pytest.raises(ValueError, match="at least one layer"):
         CoordinateLSTM(2, layers=0)
