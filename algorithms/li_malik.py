@@ -91,6 +91,7 @@ import torch
 from torch import nn
 
 from metaopt.algorithms.mlp_lopt import haiku_linear
+from metaopt.engine.coordinatewise import by_chunks
 from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
@@ -185,7 +186,7 @@ class LiMalikRule(UpdateRule):
         """The step of every tensor (all coordinates through the MLP as one batch) and the state after it."""
         state = self.remember(state, grads, loss.to(state["loss"].dtype))
         features = self.features(state)
-        out = self.policy(torch.cat(list(features.values()))).squeeze(-1) * self.step_mult
+        out = by_chunks(self.policy, torch.cat(list(features.values()))).squeeze(-1) * self.step_mult
         pieces = out.split([len(x) for x in features.values()])
         return {name: piece.view_as(g) for (name, g), piece in zip(grads.items(), pieces)}, state
 

@@ -74,6 +74,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaopt.engine.coordinatewise import by_chunks
 from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
@@ -167,7 +168,7 @@ class MLPLOptRule(UpdateRule):
 
         All the tensors' coordinates go through the MLP as one batch; each step has its tensor's shape.
         """
-        output = self.mlp(torch.cat([self.features(*tensor) for tensor in tensors]))
+        output = by_chunks(self.mlp, torch.cat([self.features(*tensor) for tensor in tensors]))
         step = output[:, 0] * torch.exp(output[:, 1] * self.exp_mult) * self.step_mult
         sizes = [param.numel() for param, *_ in tensors]
         return [piece.view_as(param) for piece, (param, *_) in zip(step.split(sizes), tensors)]

@@ -87,6 +87,7 @@ import torch
 from torch import nn
 
 from metaopt.algorithms.mlp_lopt import haiku_linear, haiku_mlp, second_moment_normalize
+from metaopt.engine.coordinatewise import by_chunks
 from metaopt.engine.functional import Params
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer, add_update, one_source
@@ -219,7 +220,7 @@ class RNNMLPLOptRule(UpdateRule):
         to_mlp = self.lstm_to_mlp(h)
         inputs = [self._coordinate_features(m, r, g, v, to_mlp[i], state["step"], len(names))
                   for i, (m, r, g, v) in enumerate(zip(mom, rms, grads, values))]
-        outputs = self.mlp(torch.cat(inputs)).split([v.numel() for v in values])
+        outputs = by_chunks(self.mlp, torch.cat(inputs)).split([v.numel() for v in values])
         new_params, messages = {}, []
         for name, v, out in zip(names, values, outputs):
             step = out[:, 0] * torch.exp(out[:, 1] * self.exp_mult) * self.step_mult

@@ -2,11 +2,7 @@
 
 Issue 16's target 4: a learned optimizer's step on a 1M-parameter model at most 3x Adam's (foreach).
 Every optimizer steps the same model with the same fixed gradients; the figure is the median of
-``--steps`` timed steps after 3 warm-up ones, on the threads given (``--threads``). Next to each
-optimizer, its *floor*: the rule's own network run once on all the coordinates as one flat batch
-(``rule.update`` / ``rule.steps`` on one tensor, no per-parameter bookkeeping), which no
-implementation of that rule can undercut, so ``step / floor`` is what bookkeeping costs, and
-``floor / Adam`` what the rule's arithmetic costs.
+``--steps`` timed steps after 3 warm-up ones, on the threads given (``--threads``).
 
 Run with the machine idle (or pinned: ``taskset -c 1 ... --threads 1``)::
 
@@ -64,32 +60,6 @@ def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], step
     return statistics.median(times)
 
 
-def time_floor(run: Callable[[torch.Tensor], object], numel: int, steps: int) -> float:
-    """Median seconds of ``run(flat_gradient)``: the rule's network once on all ``numel`` coordinates."""
-    grad = torch.randn(numel, generator=torch.Generator().manual_seed(1)) * 1e-2
-    times = []
-    with torch.no_grad():
-        for k in range(3 + steps):
-            start = time.perf_counter()
-            run(grad)
-            if k >= 3:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def floors(numel: int) -> dict[str, Callable[[torch.Tensor], object]]:
-    """Each learned rule's network on one flat gradient (its state created once, outside the timing)."""
-    lstm = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
-    lstm_state = lstm.lstm.init_state(numel, torch.float32)
-    mlp = MLPLOptRule()
-    flat = torch.zeros(numel)
-    momenta = mlp.init({"p": flat})["momenta"]["p"]
-    return {
-        "LearnedOptimizer (LSTM 2x20, Andrychowicz et al.)": lambda g: lstm.update(g, lstm_state),
-        "MLPLOptimizer (MLP 2x32, Metz et al.)": lambda g: mlp.steps([(flat, g, mlp.accumulate(momenta, g), 0)]),
-    }
-
-
 def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]:
     return {
         "Adam (foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
@@ -104,34 +74,29 @@ def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimiz
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (after 3 warm-up ones)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", nargs="*", help="optimizers whose name starts with one of these")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     numel = sum(p.numel() for p in model_of_one_million().parameters())
     chosen = {name: make for name, make in optimizers().items()
               if not args.only or any(name.startswith(prefix) for prefix in args.only)}
     seconds = {name: time_steps(make, args.steps) for name, make in chosen.items()}
-    floor = {name: time_floor(run, numel, args.steps) for name, run in floors(numel).items() if name in chosen}
     adam = seconds.get("Adam (foreach)")
-    rows = [{"optimizer": name, "step_ms": 1e3 * s, "vs_adam": s / adam if adam else None,
-             "floor_ms": 1e3 * floor[name] if name in floor else None,
-             "step_vs_floor": s / floor[name] if name in floor else None} for name, s in seconds.items()]
+    rows = [{"optimizer": name, "step_ms": 1e3 * s, "vs_adam": s / adam if adam else None}
+            for name, s in seconds.items()]
     machine = (f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}, {args.threads} thread(s), "
                f"torch {torch.__version__}")
     lines = [f"# One optimizer step on a {numel:,}-parameter model (CPU)", "", f"Machine: {machine}.", "",
              "Command: `python scripts/learned_optimizer_step.py --out docs/results/learned_optimizer_step`", "",
-             "| optimizer | step (ms) | x Adam (foreach) | rule's network alone (ms) | step / network alone |",
-             "|---|---:|---:|---:|---:|"]
+             "| optimizer | step (ms) | x Adam (foreach) |", "|---|---:|---:|"]
     for row in rows:
-        fmt = [f"{row['step_ms']:.2f}", f"{row['vs_adam']:.1f}x" if row["vs_adam"] else "-",
-               f"{row['floor_ms']:.1f}" if row["floor_ms"] else "-",
-               f"{row['step_vs_floor']:.2f}" if row["step_vs_floor"] else "-"]
-        lines.append(f"| {row['optimizer']} | " + " | ".join(fmt) + " |")
+        ratio = f"{row['vs_adam']:.1f}x" if row["vs_adam"] else "-"
+        lines.append(f"| {row['optimizer']} | {row['step_ms']:.2f} | {ratio} |")
     print("\n".join(lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 
 from metaopt.algorithms.lstm_optimizer import L2LOptions, LearnedOptimizer, LSTMOptimizerRule, _pack, _unpack
 from metaopt.datasets.quadratics import Quadratics
-from metaopt.engine.coordinatewise import LSTMState, preprocess
+from metaopt.engine.coordinatewise import CHUNK, LSTMState, preprocess
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.engine.rules import StepInfo
 from metaopt.estimators import TruncatedBackprop
@@ -403,3 +403,22 @@ def test_the_shared_state_buffer_follows_the_parameters_with_a_gradient_and_stat
         assert torch.equal(torch.cat([opt.state[a]["lstm"], opt.state[b]["lstm"]], dim=2), _pack(state))
     assert (opt.state[a]["step"], opt.state[b]["step"]) == (3, 2)
     assert opt.state_dict()["state"][1]["lstm"].untyped_storage().nbytes() == 2 * 2 * 2 * 20 * 4  # its rows only
+
+
+def test_a_step_over_several_chunks_of_coordinates_is_the_rules_update_on_all_of_them() -> None:
+    torch.manual_seed(0)
+    rule = LSTMOptimizerRule(preprocessing=True, output_scale=0.1)
+    params = [torch.zeros(2 * CHUNK + 5), torch.zeros(7, 3)]  # three chunks, one cut through the first tensor
+    opt = LearnedOptimizer(params, rule=rule)
+    state = rule.init({"a": params[0], "b": params[1]})
+    expected = [p.clone() for p in params]
+    for _ in range(2):
+        grads = [torch.randn(p.shape) for p in params]
+        with torch.enable_grad():  # the reference: the rule on every coordinate at once
+            update, state = rule.update(torch.cat([g.reshape(-1) for g in grads]), state)
+        expected = [e + u.detach().view_as(e) for e, u in zip(expected, update.split([p.numel() for p in params]))]
+        feed(opt, params, grads)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([opt.state[p]["lstm"] for p in params], dim=2), _pack(state).detach(),
+                               rtol=1e-6, atol=1e-7)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from metaopt.engine.coordinatewise import CoordinateLSTM, flatten, preprocess, unflatten
+from metaopt.engine.coordinatewise import CHUNK, CoordinateLSTM, by_chunks, flatten, preprocess, unflatten
 
 
 @pytest.mark.parametrize("p", [10.0, 5.0])
@@ -80,3 +80,21 @@ def test_without_autograd_the_in_place_step_is_the_same_bit_for_bit() -> None:
 def test_coordinate_lstm_needs_a_layer() -> None:
     with pytest.raises(ValueError, match="at least one layer"):
         CoordinateLSTM(2, layers=0)
+
+
+def test_by_chunks_runs_a_rowwise_network_in_chunks_without_autograd_and_gives_its_rows() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    rows = torch.randn(2 * CHUNK + 11, 5)
+    calls = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return net(x)
+
+    at_once = by_chunks(counted, rows)
+    assert calls == [len(rows)] and at_once.requires_grad  # with autograd: one call, the graph kept
+    with torch.no_grad():
+        chunked = by_chunks(counted, rows)
+    assert calls[1:] == [CHUNK, CHUNK, 11]
+    torch.testing.assert_close(chunked, at_once.detach(), rtol=1e-6, atol=1e-7)
