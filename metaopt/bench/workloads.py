@@ -65,6 +65,8 @@ class Workload:
         image_size: side of the square one-channel images (28 for Omniglot).
         inner_lr: inner SGD step size (MAML's 0.4 for Omniglot).
         seed: seeds the model's initial parameters and the batch.
+        device: where model and batch live (the batch is drawn on the CPU, then moved, so that it is
+            the same on every device).
     """
 
     ways: int = 5
@@ -77,6 +79,7 @@ class Workload:
     image_size: int = 28
     inner_lr: float = 0.4
     seed: int = 0
+    device: str = "cpu"
 
     @property
     def label(self) -> str:
@@ -91,7 +94,8 @@ class Workload:
     def model(self) -> Conv4:
         """A freshly initialised Conv4 (the same parameters for the same seed)."""
         torch.manual_seed(self.seed)
-        return Conv4(in_channels=1, num_classes=self.ways, hidden=self.hidden, image_size=self.image_size)
+        model = Conv4(in_channels=1, num_classes=self.ways, hidden=self.hidden, image_size=self.image_size)
+        return model.to(self.device)
 
     def batch(self) -> Episode:
         """``tasks`` episodes of random images, labels class by class."""
@@ -101,7 +105,8 @@ class Workload:
         support = torch.rand(self.tasks * self.ways * self.shots, 1, self.image_size, self.image_size, generator=g)
         query = torch.rand(self.tasks * self.ways * self.query, 1, self.image_size, self.image_size, generator=g)
         return Episode(support.view(shape), labels.repeat_interleave(self.shots).repeat(self.tasks, 1),
-                       query.view(shape), labels.repeat_interleave(self.query).repeat(self.tasks, 1), batched=True)
+                       query.view(shape), labels.repeat_interleave(self.query).repeat(self.tasks, 1),
+                       batched=True).to(self.device)
 
 
 def learn2learn_unavailable() -> str | None:
