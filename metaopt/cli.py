@@ -326,9 +326,15 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
     child = subprocess.Popen(launch_command(nproc, argv), start_new_session=True)
     while True:
         try:
-            return child.wait()
+            status = child.wait()
+            break
         except KeyboardInterrupt:
             child.send_signal(signal.SIGINT)
+    if status != 0:  # a rank that crashed in native code (gloo aborts) prints nothing: torchrun's report names it
+        print(f"metaopt train: error: a process of the run failed (torchrun exit status {status}; its report above "
+              "names the rank under 'Root Cause'); the last checkpoint is intact: restart the whole run with "
+              f"metaopt train --nproc {nproc} --resume RUN_DIR", file=sys.stderr, flush=True)
+    return status
 
 
 def _train(argv: Sequence[str]) -> int:

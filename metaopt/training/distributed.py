@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["SINGLE", "DistributedError", "World", "current_world", "init_world", "launch_command"]
+__all__ = ["SINGLE", "DistributedError", "World", "current_world", "init_world", "launch_command", "leave_world"]
 
 T = TypeVar("T")
 
@@ -290,7 +290,24 @@ def init_world(device: torch.device, timeout_s: float | None = None) -> World:
     if timeout_s is None:
         timeout_s = float(os.environ.get("METAOPT_DIST_TIMEOUT", "1800"))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _JOINED.append(True)
     return current_world()
+
+
+#: Whether :func:`init_world` created the default process group (then :func:`leave_world` destroys it).
+_JOINED: list[bool] = []
+
+
+def leave_world() -> None:
+    """Destroy the process group :func:`init_world` created; a no-op alone or for a group created elsewhere.
+
+    A rank that exits with its group alive can abort at interpreter exit ("terminate called without
+    an active exception": gloo's threads still joinable), so a finished run leaves it first.
+    """
+    if _JOINED and dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
+        dist.destroy_process_group()
+    _JOINED.clear()
 
 
 def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:

@@ -39,7 +39,7 @@ from metaopt.options import ConfigError
 from metaopt.registry import BuildContext
 from metaopt.training.checkpoint import CheckpointError, load_checkpoint, load_module_state, write_json
 from metaopt.training.config import RunConfig
-from metaopt.training.distributed import init_world
+from metaopt.training.distributed import init_world, leave_world
 from metaopt.training.legacy import convert_state, read_run_config
 from metaopt.training.logging import note
 from metaopt.training.trainer import MetaTrainer
@@ -248,14 +248,20 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
             if world.leader:
                 note(f"resuming {run_dir} from iteration {trainer.iteration}")
         summary = trainer.fit(resume=resume)
-        if not world.leader:
-            return {"train": summary, "rank": world.rank}
-        best = run_dir / "best.pt"
-        _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test", None,
-                                         None)
-    final = {**record, "run_dir": str(run_dir), "train": summary}
-    write_json(run_dir / "final.json", final)
-    return final
+
+        def score() -> dict[str, Any]:
+            best = run_dir / "best.pt"
+            _, record = _evaluate_checkpoint(experiment, best if best.exists() else run_dir / "last.pt", "test",
+                                             None, None)
+            final = {**record, "run_dir": str(run_dir), "train": summary}
+            write_json(run_dir / "final.json", final)
+            return final
+
+        # rank 0 scores the test problems while the others wait, then all leave together (a rank that exits
+        # while another still holds the group can abort: "terminate called without an active exception")
+        final = world.from_leader(score)
+    leave_world()
+    return final if world.leader else {"train": summary, "rank": world.rank}
 
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", episodes: int | None = None, steps: int | None = None,

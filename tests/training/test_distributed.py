@@ -161,8 +161,12 @@ def test_sigkill_of_a_rank_stops_the_other_with_the_rank_named_and_resume_equals
         os.kill(rank_pid(killed.pid, 1), signal.SIGKILL)
         output = killed.communicate(timeout=90)[0]
         assert killed.returncode != 0
-        # rank 0 learns of the death in whichever collective it was in: the meta-gradient's, the stop agreement's
-        assert re.search(r"rank 0 of 2: .* failed \(.*\); rank 1 did not answer within 5 s", output), output
+        # rank 0 learns of the death in whichever collective it was in (the meta-gradient's, the stop agreement's)
+        # and names rank 1; or gloo aborts it in native code first, and torchrun's report names rank 1, SIGKILLed
+        named = re.search(r"rank 0 of 2: .* failed \(.*\); rank 1 did not answer within 5 s", output)
+        reported = re.search(r"Root Cause.*\n(.*\n){3}\s*rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", output)
+        assert named or reported, output
+        assert "the last checkpoint is intact: restart the whole run with metaopt train --nproc 2 --resume" in output
         saved = load_checkpoint(tmp_path / "killed" / "last.pt", required=["iteration"])["iteration"]
         assert 100 <= saved < 400
         assert whole.communicate(timeout=120)[0] and whole.returncode == 0
@@ -180,7 +184,8 @@ def test_sigkill_of_a_rank_stops_the_other_with_the_rank_named_and_resume_equals
 
 def test_a_run_of_two_processes_resumes_on_one(tmp_path: Path) -> None:
     two = metaopt_train("--nproc", "2", *SINUSOID, "--iterations", "100", "--run-dir", str(tmp_path / "run"))
-    assert two.communicate(timeout=120)[0] and two.returncode == 0
+    output = two.communicate(timeout=120)[0]
+    assert two.returncode == 0 and "terminate called" not in output, output  # the ranks leave the group together
     one = metaopt_train("--resume", str(tmp_path / "run"), "--iterations", "120")
     output = one.communicate(timeout=120)[0]
     assert one.returncode == 0, output
