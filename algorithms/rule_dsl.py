@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -230,6 +231,7 @@ class Rule:
         live = {operand for group in self.canonical().groups for operand in group.arguments()}
         return set(operands) <= live
 
+    @functools.cached_property
     def moments_read(self) -> tuple[bool, bool, bool]:
         """Whether the update reads each running average m, v, y (an unread one need not be kept up to date)."""
         return tuple(any(self.reads(op) for op in ops) for ops in _MOMENT_READERS)
@@ -401,8 +403,8 @@ class DSLRule(UpdateRule):
 
     def step(self, params: Params, grads: Params, state: dict[str, Any], info: StepInfo) -> tuple[Params, Any]:
         t = state["t"] + 1
-        read = self.rule.moments_read()
-        moments = {name: _moments_updated(state["moments"][name], grads[name], read) for name in params}
+        moments = {name: _moments_updated(state["moments"][name], grads[name], self.rule.moments_read)
+                   for name in params}
         updates = {name: rule_update(self.rule, grads[name], params[name], moments[name], t, self.decay_steps)
                    for name in params}
         _check_finite(list(updates.values()), self.rule)
@@ -438,7 +440,6 @@ class DSLOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "rule": str(rule), "decay_steps": decay_steps})
         self.seed = seed
         self._rules: dict[str, Rule] = {}
-        self._read: dict[str, tuple[bool, bool, bool]] = {}  # the moments each rule reads (moments_read)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -461,7 +462,6 @@ class DSLOptimizer(torch.optim.Optimizer):
     def _rule(self, text: str) -> Rule:
         if text not in self._rules:
             self._rules[text] = parse(text)
-            self._read[text] = self._rules[text].moments_read()
         return self._rules[text]
 
     @torch.no_grad()
@@ -471,14 +471,13 @@ class DSLOptimizer(torch.optim.Optimizer):
         pending = []
         for group in self.param_groups:
             rule = self._rule(group["rule"])
-            read = self._read[group["rule"]]
             updates = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 previous = state["moments"] if "moments" in state else [torch.zeros_like(p) for _ in BETAS]
-                moments = _moments_updated(previous, p.grad, read)
+                moments = _moments_updated(previous, p.grad, rule.moments_read)
                 t = state.get("step", 0) + 1
                 updates.append((p, rule_update(rule, p.grad, p, moments, t, group["decay_steps"],
                                                self._generator(p.device)), moments, t))

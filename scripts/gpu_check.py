@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.repeats} meta-iterations (meta-loss and its gradient).", "",
              "| configuration | strategy | tasks/s | peak memory (MiB) | max abs diff from loop |",
              "|---|---|---:|---:|---:|"]
-    report = {"device": name, "torch": torch.__version__, "repeats": args.repeats, "rows": []}
-    for label, workload in configurations(args.device, args.quick).items():
+    workloads = configurations(args.device, args.quick)
+    report = {"device": name, "torch": torch.__version__, "repeats": args.repeats, "rows": [],
+              "workloads": {label: dataclasses.asdict(w) for label, w in workloads.items()}}
+    for label, workload in workloads.items():
         results = {strategy: check(strategy, workload, args.repeats) for strategy in STRATEGIES}
         reference = results["loop"]["grads"]
         for strategy, result in results.items():
@@ -99,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {label} | {strategy} | {row['tasks_per_s']:.1f} | {row['peak_mib']:.0f} | {diff:.1e} |")
         for strategy, why in NOT_BUILT.items():
             lines.append(f"| {label} | {strategy} | - | - | {why} |")
-    report["workloads"] = {label: dataclasses.asdict(w) for label, w in configurations(args.device, args.quick).items()}
     print("\n".join(lines), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
