@@ -70,7 +70,7 @@ def _throughput_section(workloads: Sequence[Workload], repeats: int, threads: in
     rows = []
     for workload in workloads:
         reference, reference_grads = measure_isolated("plain", workload, repeats, threads)
-        for method in ("plain", "loop", "vmap", "higher", "learn2learn"):
+        for method in ("plain", "loop", "vmap", "compiled", "higher", "learn2learn"):
             head = [workload.label, workload.order, method]
             if method == "learn2learn" and l2l_missing:
                 rows.append([*head, f"not available ({l2l_missing})", "", "", "", "", "", ""])

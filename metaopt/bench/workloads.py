@@ -7,7 +7,8 @@ meta-gradients can be compared:
 
 * ``"plain"``: the reference peer, a per-task loop written directly with
   :func:`torch.func.functional_call` and :func:`torch.autograd.grad`;
-* ``"loop"`` and ``"vmap"``: :class:`metaopt.MetaLearner` (func driver) with either strategy;
+* ``"loop"``, ``"vmap"`` and ``"compiled"``: :class:`metaopt.MetaLearner` (func driver) with that
+  strategy (``"compiled"``'s first meta-iteration includes compiling its graph);
 * ``"checkpointed"``: ``"loop"`` with ``checkpoint_steps=True`` (inner steps recomputed);
 * ``"higher"``: :class:`metaopt.MetaLearner` with the ``higher`` driver;
 * ``"learn2learn"``: ``l2l.algorithms.MAML`` with ``clone()`` and ``adapt()``, when it imports.
@@ -43,6 +44,7 @@ __all__ = ["METHODS", "Workload", "build_meta_loss", "learn2learn_unavailable"]
 _METAOPT = {
     "loop": {"strategy": "loop"},
     "vmap": {"strategy": "vmap"},
+    "compiled": {"strategy": "compiled"},
     "checkpointed": {"strategy": "loop", "checkpoint_steps": True},
     "higher": {"strategy": "loop"},
 }

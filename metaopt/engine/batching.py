@@ -6,7 +6,10 @@ Two strategies give the same results to rounding error:
   convolutional networks on a CPU);
 * ``"vmap"``: one batched computation through :func:`torch.func.vmap` and :func:`torch.func.grad`
   (few, large kernels: the GPU path; also faster for small MLPs on a CPU). Batch norm then runs
-  from elementary operations (:mod:`metaopt.engine.composite_batchnorm`).
+  from elementary operations (:mod:`metaopt.engine.composite_batchnorm`);
+* ``"compiled"``: the ``vmap`` computation and its meta-gradient compiled into one graph by
+  ``torch.compile`` (:mod:`metaopt.engine.compiled`; the meta-learner runs it, and ``vmap`` where
+  no gradient is taken). Here it is :func:`map_tasks`'s ``"vmap"``.
 
 ``"auto"`` is ``vmap`` on CUDA and ``loop`` elsewhere, and ``loop`` wherever tasks cannot be
 batched; :func:`resolve_strategy` is the one place that decides.
@@ -29,23 +32,23 @@ from metaopt.engine.composite_batchnorm import composite_batch_norm
 
 __all__ = ["STRATEGIES", "map_tasks", "resolve_strategy"]
 
-STRATEGIES = ("auto", "loop", "vmap")
+STRATEGIES = ("auto", "loop", "vmap", "compiled")
 
 
 def resolve_strategy(strategy: str, device: torch.device, loop_only: str | None = None) -> str:
     """The strategy to run: ``"auto"`` becomes ``"vmap"`` on CUDA and ``"loop"`` elsewhere.
 
     Args:
-        strategy: ``"auto"``, ``"loop"`` or ``"vmap"``.
+        strategy: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"compiled"``.
         device: where the tasks run.
         loop_only: why the tasks must run one after another (``None``: they may be batched);
-            ``"auto"`` then means ``"loop"`` and ``"vmap"`` is an error quoting the reason.
+            ``"auto"`` then means ``"loop"``, and ``"vmap"`` or ``"compiled"`` is an error quoting the reason.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown task-batching strategy {strategy!r}; choose one of {STRATEGIES}")
     if loop_only is not None:
-        if strategy == "vmap":
-            raise ValueError(f"strategy='vmap' is not available: {loop_only}; use strategy='loop' (or 'auto')")
+        if strategy in ("vmap", "compiled"):
+            raise ValueError(f"strategy={strategy!r} is not available: {loop_only}; use strategy='loop' (or 'auto')")
         return "loop"
     if strategy == "auto":
         return "vmap" if device.type == "cuda" else "loop"

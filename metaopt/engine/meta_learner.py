@@ -51,6 +51,7 @@ from torch import nn
 
 from metaopt.engine.batching import map_tasks, resolve_strategy
 from metaopt.engine.batchnorm import BatchNormPolicy, batchnorm_policy
+from metaopt.engine.compiled import CompiledMetaGradient
 from metaopt.engine.functional import Params, model_call, named_params
 from metaopt.engine.higher_driver import HigherLoop, HigherRule
 from metaopt.engine.initialisers import Initialiser
@@ -200,7 +201,8 @@ class MetaLearner(Learner):
         first_order: drop second-order terms of the meta-gradient.
         adapt: which parameters the inner loop updates: ``"all"``, ``"head"`` (ANIL) or parameter
             names (a list or a comma-separated string).
-        strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"`` (:mod:`metaopt.engine.batching`).
+        strategy: task batching, ``"auto"`` | ``"loop"`` | ``"vmap"`` (:mod:`metaopt.engine.batching`) |
+            ``"compiled"`` (the meta-gradient as one ``torch.compile`` graph, :mod:`metaopt.engine.compiled`).
         bn_policy: batch-norm policy, ``"batch"`` (MAML's), ``"frozen"``, ``"running"`` or
             ``"support"`` (:mod:`metaopt.engine.batchnorm`).
         loss_fn: inner and outer loss; default cross-entropy for labels, MSE for regression.
@@ -210,8 +212,8 @@ class MetaLearner(Learner):
             of storing its activations, so memory no longer grows with the inner steps (same
             meta-gradients, see :mod:`metaopt.engine.recompute`); torch.func rules only.
 
-    Tasks must run one after another (``strategy="auto"`` is then ``"loop"`` and ``"vmap"`` an
-    error) with a batch-norm policy that writes shared statistics, with ``checkpoint_steps``, and
+    Tasks must run one after another (``strategy="auto"`` is then ``"loop"``, ``"vmap"`` and
+    ``"compiled"`` errors) with a batch-norm policy that writes shared statistics, with ``checkpoint_steps``, and
     with the ``higher`` driver.
     """
 
@@ -244,6 +246,7 @@ class MetaLearner(Learner):
         self._loop_only = next((why for applies, why in reasons if applies), None)
         self.strategy = strategy
         resolve_strategy(strategy, torch.device("cpu"), self._loop_only)
+        self._compiled = CompiledMetaGradient(self)
 
     @property
     def step_weights(self) -> list[float] | None:
@@ -298,9 +301,14 @@ class MetaLearner(Learner):
         weights = resolve_weights(steps, self.step_weights if steps == self.inner_steps and not final_step_only
                                   else None)
         strategy = resolve_strategy(self.strategy, batch.support_x.device, self._loop_only)
-        task = functools.partial(self._task, named_params(self.model), steps, weights, track_steps, batch.ways)
         with self.bn_policy.meta_batch(self.model, training=self.training and torch.is_grad_enabled()):
-            losses, step_losses, accuracy = map_tasks(task, batch.tensors(), strategy)
+            outputs = None
+            if strategy == "compiled" and torch.is_grad_enabled():
+                outputs = self._compiled.task_outputs(steps, weights, track_steps, batch.ways, batch.tensors())
+            if outputs is None:
+                task = functools.partial(self._task, named_params(self.model), steps, weights, track_steps, batch.ways)
+                outputs = map_tasks(task, batch.tensors(), "vmap" if strategy == "compiled" else strategy)
+        losses, step_losses, accuracy = outputs
         return TaskOutputs(losses, step_losses if track_steps else None,
                            None if batch.query_y.is_floating_point() else accuracy)
 

@@ -25,6 +25,10 @@ maml-omniglot-5w5s         lr 0.4 (3 at test), Adam 1e-3, meta-batch 32, 60000 i
                            K query examples per class at training (Finn et al. 2017, §5.2, A.1)
 maml-omniglot-20w1s        the same with 5 inner steps of lr 0.1 (5 at test), meta-batch 16
 maml-omniglot-20w5s
+maml-anil-omniglot-5w1s    ANIL (Raghu et al. 2020: the head adapts, the body is only meta-learned)
+                           on maml-omniglot-5w1s's net and tasks, compiled strategy, Adam 1e-3
+                           cosine-annealed to 1e-5 over 18000 iterations (about 20 minutes on 2
+                           CPU cores); validation on 200 tasks every 1000 iterations
 maml-miniimagenet-5w1s     Conv4 32 filters, max-pool, 84x84; 5 inner steps of lr 0.01 (10 at
 maml-miniimagenet-5w5s     test), meta-batch 4 (1-shot) / 2 (5-shot), 15 query examples per
                            class, meta-gradient clipped to [-10, 10], 60000 iterations

@@ -196,6 +196,17 @@ class Episode:
         return Episode(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()),
                        ways=self.ways, batched=self.batched, validate=False)
 
+    def to_device(self, device: torch.device | str) -> Episode:
+        """The episode on ``device``; from the CPU to a GPU through page-locked memory, without blocking the host.
+
+        The copy is queued on the current CUDA stream, so the kernels that read the episode wait
+        for it while the host goes on (sampling the next batch, launching the inner loop).
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and self.support_x.device.type == "cpu":
+            return self.pin_memory().to(device, non_blocking=True)
+        return self.to(device)
+
     def pin_memory(self) -> Episode:
         """The same episode in page-locked memory (what ``DataLoader(..., pin_memory=True)`` calls)."""
         return Episode(*(t.pin_memory() for t in self.tensors()), ways=self.ways, batched=self.batched,

@@ -11,7 +11,8 @@ from metaopt.bench.report import markdown_table, run_benchmark
 from metaopt.bench.workloads import Workload
 
 MIB = 2**20
-SECONDS = {"plain": 1.0, "loop": 0.5, "vmap": 0.25, "higher": 2.0, "learn2learn": 1.0, "checkpointed": 1.5}
+SECONDS = {"plain": 1.0, "loop": 0.5, "vmap": 0.25, "compiled": 0.2, "higher": 2.0, "learn2learn": 1.0,
+           "checkpointed": 1.5}
 
 
 def test_markdown_table_has_a_header_a_rule_and_one_line_per_row() -> None:
@@ -54,7 +55,7 @@ def test_run_benchmark_writes_the_three_sections(fake_measurements: list[tuple[s
 
     throughput = pieces[2].splitlines()
     assert throughput[0].startswith("| setting | order | method | tasks/s | vs plain | peak RSS (MiB) |")
-    assert len(throughput) == 2 + 4 * 5, "5-way and 20-way, second and first order, five methods each"
+    assert len(throughput) == 2 + 4 * 6, "5-way and 20-way, second and first order, six methods each"
     assert "| 5-way 1-shot | second | plain | 2.00 | 1.00x | 4.0 | 1.00x | 1.0 | 1.00x | 0.0e+00 |" in throughput
     assert "| 20-way 1-shot | first | vmap | 8.00 | 4.00x | 4.0 | 1.00x | 1.0 | 1.00x | 5.0e-01 |" in throughput
     l2l_rows = [row for row in throughput if "| learn2learn |" in row]
@@ -64,7 +65,8 @@ def test_run_benchmark_writes_the_three_sections(fake_measurements: list[tuple[s
     else:
         assert all("| 2.00 | 1.00x |" in row for row in l2l_rows)
     measured = {method for method, _ in fake_measurements}
-    assert measured == {"plain", "loop", "vmap", "higher", "checkpointed"} | (set() if l2l_missing else {"learn2learn"})
+    assert measured == {"plain", "loop", "vmap", "compiled", "higher", "checkpointed"} | (
+        set() if l2l_missing else {"learn2learn"})
     assert sum(method == "plain" for method, _ in fake_measurements) == 4, "one plain reference per workload"
 
     operators = pieces[5].splitlines()

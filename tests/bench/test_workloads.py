@@ -24,7 +24,7 @@ def test_every_method_gives_the_plain_loops_meta_gradients(first_order: bool) ->
 
 
 def test_the_workload_is_a_function_of_its_fields() -> None:
-    assert METHODS == ("plain", "loop", "vmap", "checkpointed", "higher", "learn2learn")
+    assert METHODS == ("plain", "loop", "vmap", "compiled", "checkpointed", "higher", "learn2learn")
     assert (TINY.label, TINY.order) == ("5-way 1-shot", "second")
     assert (Workload(ways=20, shots=5, first_order=True).label, Workload(first_order=True).order) == (
         "20-way 5-shot", "first")

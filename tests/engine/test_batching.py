@@ -71,8 +71,9 @@ def test_vmap_draws_different_random_numbers_per_task() -> None:
 
 
 def test_strategy_is_resolved_and_checked() -> None:
-    assert STRATEGIES == ("auto", "loop", "vmap")
+    assert STRATEGIES == ("auto", "loop", "vmap", "compiled")
     assert resolve_strategy("auto", torch.device("cpu")) == "loop"
+    assert resolve_strategy("compiled", torch.device("cpu")) == "compiled"
     assert resolve_strategy("auto", torch.device("cuda")) == "vmap"
     assert resolve_strategy("vmap", torch.device("cpu")) == "vmap"
     assert resolve_strategy("loop", torch.device("cuda")) == "loop"
@@ -85,7 +86,8 @@ def test_tasks_that_must_run_one_after_another() -> None:
     for device in ("cpu", "cuda"):
         assert resolve_strategy("auto", torch.device(device), loop_only=why) == "loop"
         assert resolve_strategy("loop", torch.device(device), loop_only=why) == "loop"
-        with pytest.raises(ValueError, match=f"strategy='vmap' is not available: {why}; use strategy='loop'"):
-            resolve_strategy("vmap", torch.device(device), loop_only=why)
+        for batched in ("vmap", "compiled"):
+            with pytest.raises(ValueError, match=f"strategy='{batched}' is not available: {why}; use strategy='loop'"):
+                resolve_strategy(batched, torch.device(device), loop_only=why)
     with pytest.raises(ValueError, match="unknown task-batching strategy 'threads'"):
         resolve_strategy("threads", torch.device("cpu"), loop_only=why)

@@ -32,7 +32,8 @@ def test_the_choices_are_the_engines():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (lambda: InnerLoopOptions(strategy="vmapp"), "option 'strategy' must be one of ('auto', 'loop', 'vmap')"),
+    (lambda: InnerLoopOptions(strategy="vmapp"),
+     "option 'strategy' must be one of ('auto', 'loop', 'vmap', 'compiled')"),
     (lambda: InnerLoopOptions(bn_policy="train"), "option 'bn_policy' must be one of ('batch', 'frozen'"),
     (lambda: InnerLoopOptions(inner_steps=0), "option 'inner_steps' must be > 0"),
     (lambda: InnerLoopOptions(eval_inner_steps=0), "option 'eval_inner_steps' must be > 0"),

@@ -46,7 +46,7 @@ def test_the_marks_are_independent() -> None:
 
 
 def test_the_marks_are_not_global() -> None:
-    """Context variables: another thread sees the defaults while this one is inside the contexts."""
+    """Thread-local: another thread sees the defaults while this one is inside the contexts."""
     seen = []
     with inner_step(3), outer_pass():
         thread = threading.Thread(target=lambda: seen.append((current_inner_step(), in_outer_pass())))
