@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,5 +127,11 @@ def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
         results["diverged"] = diverged(World(rank, size))
         if rank == 0:
             torch.save(results, Path(out))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # as metaopt's own ranks do (metaopt/__main__.py): skip the interpreter's teardown, where gloo's threads
+    # abort a process now and then ("terminate called without an active exception", SIGABRT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
