@@ -73,11 +73,9 @@ def _relative_gap(actual: Params, expected: Params) -> float:
     Relative to the whole meta-gradient's scale, not each tensor's: a tensor whose exact gradient
     is zero (a convolution's bias before batch norm) holds rounding noise only.
     """
-    tensors = [e for e in expected.values() if e.numel()]
-    if not tensors:
-        return 0.0
-    gap = max(float((actual[n] - e).abs().max()) for n, e in expected.items() if e.numel())
-    scale = max(float(e.abs().max()) for e in tensors)
+    pairs = [(actual[name], e) for name, e in expected.items() if e.numel()]
+    gap = max((float((a - e).abs().max()) for a, e in pairs), default=0.0)
+    scale = max((float(e.abs().max()) for _, e in pairs), default=0.0)
     return gap / scale if scale > 0 else (0.0 if gap == 0 else float("inf"))
 
 
@@ -139,7 +137,7 @@ class CompiledMetaGradient:
         if self.fallback_reason is not None:
             return None
         trainable = {name: p for name, p in self._learner.named_parameters() if p.requires_grad}
-        key = (steps, tuple(weights), track, ways, bool(getattr(self._learner, "first_order", False)))
+        key = (steps, tuple(weights), track, ways, self._learner.first_order)
         graph = self._graphs.get(key)
         if graph is None and len(self._graphs) >= MAX_GRAPHS:
             self._fall_back(f"{len(self._graphs)} configurations (inner steps, step weights, order, tracked steps, "

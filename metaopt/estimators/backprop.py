@@ -48,8 +48,7 @@ class Backprop(Estimator):
         batch, weight = problems.batch(iteration), 1.0
         if self.world.active:
             batch, weight = self._share(batch)
-        batch = batch.to_device(learner.device) if isinstance(batch, Episode) else batch.to(learner.device)
-        loss, metrics = learner.meta_loss(batch, track_steps=track_steps)
+        loss, metrics = learner.meta_loss(batch.to(learner.device), track_steps=track_steps)
         if math.isfinite(metrics["loss"]):
             loss.backward()
         if self.world.active:

@@ -191,21 +191,18 @@ class Episode:
             raise EpisodeError(f"support_y{task} has no example of {classes} of a {self.ways}-way task ({how}labels "
                                f"found: {_span(found)}); relabel the classes as 0..ways-1")
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Episode:
-        """The same episode with every tensor on ``device``."""
-        return Episode(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()),
-                       ways=self.ways, batched=self.batched, validate=False)
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> Episode:
+        """The same episode with every tensor on ``device``.
 
-    def to_device(self, device: torch.device | str) -> Episode:
-        """The episode on ``device``; from the CPU to a GPU through page-locked memory, without blocking the host.
-
-        The copy is queued on the current CUDA stream, so the kernels that read the episode wait
-        for it while the host goes on (sampling the next batch, launching the inner loop).
+        From the CPU to a GPU the copy goes through page-locked memory and, unless
+        ``non_blocking=False``, is queued on the current CUDA stream without blocking the host
+        (the kernels that read the episode wait for it while the host samples the next batch).
         """
         device = torch.device(device)
-        if device.type == "cuda" and self.support_x.device.type == "cpu":
+        if device.type == "cuda" and self.support_x.device.type == "cpu" and non_blocking is not False:
             return self.pin_memory().to(device, non_blocking=True)
-        return self.to(device)
+        return Episode(*(t.to(device, non_blocking=bool(non_blocking)) for t in self.tensors()),
+                       ways=self.ways, batched=self.batched, validate=False)
 
     def pin_memory(self) -> Episode:
         """The same episode in page-locked memory (what ``DataLoader(..., pin_memory=True)`` calls)."""

@@ -235,16 +235,16 @@ def test_pin_memory_keeps_the_episode() -> None:
     assert_episodes_equal(pinned, batch)
 
 
-def test_to_device_on_the_cpu_is_a_plain_move(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_to_the_cpu_is_a_plain_move(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = Episode.stack([task(), task(seed=1)])
     monkeypatch.setattr(Episode, "pin_memory", lambda self: pytest.fail("pinned memory is for transfers to a GPU"))
-    assert_episodes_equal(batch.to_device("cpu"), batch)
+    assert_episodes_equal(batch.to("cpu"), batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
-def test_to_device_copies_to_the_gpu_through_pinned_memory() -> None:
+def test_to_the_gpu_copies_through_pinned_memory() -> None:
     batch = Episode.stack([task(), task(seed=1)])
-    moved = batch.to_device("cuda")
+    moved = batch.to("cuda")
     assert all(t.device.type == "cuda" for t in moved.tensors())
     assert_episodes_equal(moved.to("cpu"), batch)
 
