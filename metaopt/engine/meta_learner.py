@@ -243,10 +243,16 @@ class MetaLearner(Learner):
                    (checkpoint_steps, "checkpoint_steps relies on saved-tensor hooks, which torch.func transforms "
                                       "do not support"),
                    (isinstance(rule, HigherRule), "the higher driver runs tasks one after another")]
-        self._loop_only = next((why for applies, why in reasons if applies), None)
+        #: why the tasks must run one after another (``None``: they may be batched)
+        self.loop_only: str | None = next((why for applies, why in reasons if applies), None)
         self.strategy = strategy
-        resolve_strategy(strategy, torch.device("cpu"), self._loop_only)
+        resolve_strategy(strategy, torch.device("cpu"), self.loop_only)
         self._compiled = CompiledMetaGradient(self)
+
+    @property
+    def compile_fallback_reason(self) -> str | None:
+        """Why ``strategy="compiled"`` runs ``vmap`` instead (``None``: it compiles, or has not been tried)."""
+        return self._compiled.fallback_reason
 
     @property
     def step_weights(self) -> list[float] | None:
@@ -300,7 +306,7 @@ class MetaLearner(Learner):
         _check_inputs(self.model, batch.support_x)
         weights = resolve_weights(steps, self.step_weights if steps == self.inner_steps and not final_step_only
                                   else None)
-        strategy = resolve_strategy(self.strategy, batch.support_x.device, self._loop_only)
+        strategy = resolve_strategy(self.strategy, batch.support_x.device, self.loop_only)
         with self.bn_policy.meta_batch(self.model, training=self.training and torch.is_grad_enabled()):
             outputs = None
             if strategy == "compiled" and torch.is_grad_enabled():

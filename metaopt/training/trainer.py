@@ -18,6 +18,10 @@ During a streak of non-finite meta-updates no checkpoint is written, so ``last.p
 last good state. Progress shows on a terminal, as plain lines when the output is redirected, and
 in ``train.log`` (:mod:`metaopt.training.progress`).
 
+A meta-learner with ``strategy="auto"`` starts a new run with a timing probe that picks the
+fastest task-batching strategy on this machine; the choice is stored in every checkpoint
+(:mod:`metaopt.training.strategy_probe`).
+
 A run directory holds ``config.json``, ``metrics.jsonl``, TensorBoard events, ``last.pt`` and
 ``best.pt``. ``fit(resume=True)`` restores ``last.pt`` (parameters, optimizer and schedule, the
 estimator's state, counters, random states) and continues exactly as an uninterrupted run would.
@@ -55,6 +59,7 @@ from typing import Any
 import torch
 
 from metaopt.engine.learner import Learner
+from metaopt.engine.meta_learner import MetaLearner
 from metaopt.engine.rule_optimizer import RuleOptimizer
 from metaopt.estimators import Backprop, Estimator
 from metaopt.evaluation.evaluate import EvalResult, evaluate
@@ -72,9 +77,10 @@ from metaopt.training.clock import Clock
 from metaopt.training.config import RunConfig, TrainerConfig
 from metaopt.training.distributed import World, current_world
 from metaopt.training.legacy import convert_state, read_run_config
-from metaopt.training.logging import RunLogger
+from metaopt.training.logging import RunLogger, note
 from metaopt.training.progress import LOG_FILE, Progress
 from metaopt.training.schedules import cosine_meta_lr
+from metaopt.training.strategy_probe import PROBE_WORTH_FROM, StrategyChoice, probe_strategy
 
 __all__ = ["RESUMABLE_CHANGES", "Interrupted", "MetaTrainer", "NonFiniteError"]
 
@@ -161,6 +167,8 @@ class MetaTrainer:
         self._restored = False
         self._stop: int | None = None  # the signal that asked the run to stop
         self._time_up = False  # the time budget is spent (agreed on by every rank)
+        #: what ``strategy="auto"``'s timing probe chose at the start of the run (``None``: no probe)
+        self.strategy_choice: StrategyChoice | None = None
 
     def _meta_optimizer(self) -> torch.optim.Optimizer:
         """Adam, SGD, or the learned optimizer of a trained run (the rule's own ``torch.optim`` interface)."""
@@ -204,6 +212,7 @@ class MetaTrainer:
             "time": self._clock.read(),
             "rng": capture_rng_state(),
             "config": self._recorded_config(),
+            "strategy": None if self.strategy_choice is None else self.strategy_choice.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], path: str | Path) -> None:
@@ -239,7 +248,14 @@ class MetaTrainer:
         self.nonfinite = dict(state["nonfinite"])
         self._clock = Clock(**state["time"])
         restore_rng_state(state["rng"], path)
+        self._restore_strategy(state.get("strategy"))
         self._saved_iteration = self.iteration
+
+    def _restore_strategy(self, stored: dict[str, Any] | None) -> None:
+        """The probe's choice of a resumed run (a run without one keeps the device rule it started with)."""
+        self.strategy_choice = None if stored is None else StrategyChoice(**stored)
+        if self.strategy_choice is not None:
+            self.learner.strategy = self.strategy_choice.strategy
 
     def _apply_meta_lr(self) -> None:
         """Set the meta learning rate to this config's after loading a state saved with another (a resumable change)."""
@@ -268,8 +284,9 @@ class MetaTrainer:
             Final figures: ``iteration``, ``stopped_by`` (``"iterations"`` or ``"time_budget"``),
             ``time`` (``train_s``: training time, ``total_s``: total wall time, both in seconds
             and over all the sessions of a resumed run), ``train_loss`` (last iteration), ``val``
-            (last evaluation: metric, mean, ci95), ``best`` (metric, value, iteration) and
-            ``nonfinite_skipped``.
+            (last evaluation: metric, mean, ci95), ``best`` (metric, value, iteration),
+            ``nonfinite_skipped`` and ``strategy`` (what ``strategy="auto"``'s timing probe chose and
+            measured, :class:`metaopt.training.strategy_probe.StrategyChoice` as a dict; ``None``: no probe).
 
         Raises:
             NonFiniteError: ``max_nonfinite`` consecutive non-finite meta-updates; the last
@@ -281,6 +298,7 @@ class MetaTrainer:
             self.restore()
         elif not resume:
             self._clock = Clock()  # the run starts now, not when the trainer was built
+            self.strategy_choice = self._probe_strategy()
             self._start()
         self.world.check_identical(self.learner, f"the start of training at iteration {self.iteration}")
         self._time_up = self.world.agree([self._out_of_time()])[0]
@@ -290,13 +308,16 @@ class MetaTrainer:
         progress = Progress(self.config.iterations, self.train_problems.batch_size, self.iteration, self._spent(),
                             budget, None if writes is None else writes / LOG_FILE, quiet=not self.world.leader)
         with RunLogger(writes, start=self.iteration) as log, progress, self._stopping_on_signals():
+            if self.strategy_choice is not None:
+                progress.message(self.strategy_choice.summary())
             while not self.finished:
                 summary["train_loss"], val = self._iterate(log, progress)
                 summary["val"] = val or summary["val"]
                 if self._stop is not None:
                     self._interrupt(progress)
             summary.update(iteration=self.iteration, stopped_by="iterations" if self.iteration >= self.config.iterations
-                           else "time_budget", best=self.best, nonfinite_skipped=self.nonfinite["total"])
+                           else "time_budget", best=self.best, nonfinite_skipped=self.nonfinite["total"],
+                           strategy=None if self.strategy_choice is None else self.strategy_choice.to_dict())
             figures = {"train_loss": summary["train_loss"], "best_val": self.best["value"] if self.best else None}
             log.log_hparams(_flat(self._recorded_config()), {k: v for k, v in figures.items() if v is not None})
         summary["time"] = self._clock.read()
@@ -384,6 +405,24 @@ class MetaTrainer:
         progress.update(done, self._spent(), {"loss": metrics["train/loss"],
                                               **({"best": self.best["value"]} if self.best else {})})
         return metrics["train/loss"], val
+
+    def _probe_strategy(self) -> StrategyChoice | None:
+        """Time the strategies of a ``strategy="auto"`` meta-learner and train with the fastest (:mod:`strategy_probe`).
+
+        Not probed: other learners and strategies, learners that must loop, runs shorter than
+        :data:`metaopt.training.strategy_probe.PROBE_WORTH_FROM` iterations.
+        """
+        learner, remaining = self.learner, self.config.iterations - self.iteration
+        if (not isinstance(learner, MetaLearner) or learner.strategy != "auto" or learner.loop_only is not None
+                or remaining < PROBE_WORTH_FROM):
+            return None
+        budget_s = math.inf if self.config.time_budget is None else 60 * self.config.time_budget
+        if self.world.leader:
+            note("strategy auto: timing loop and vmap (and compiled, for a long run) on the first batch")
+        learner.set_epoch(self.epoch(self.iteration))
+        return probe_strategy(learner, self.estimator, self.train_problems, self.iteration,
+                              expected_s=lambda seconds: min(seconds * remaining, budget_s),
+                              agree=lambda value: self.world.from_leader(lambda: value))
 
     def _start(self) -> None:
         if self.run_dir is None:

@@ -44,7 +44,7 @@ def test_second_order_meta_gradients_of_rule_and_initialiser_parameters_equal_th
     weights = torch.full((3,), 0.7, dtype=torch.float64)
     by_loop, grads_loop = outputs_and_grads(learner, batch, "loop", weights)
     by_compiled, grads_compiled = outputs_and_grads(learner, batch, "compiled", weights)
-    assert learner._compiled.fallback_reason is None
+    assert learner.compile_fallback_reason is None
     torch.testing.assert_close(by_compiled.losses, by_loop.losses)
     torch.testing.assert_close(by_compiled.step_losses, by_loop.step_losses)
     assert_close_dicts(grads_compiled, grads_loop)
@@ -130,7 +130,7 @@ def test_a_configuration_that_keeps_changing_stops_compiling(monkeypatch: pytest
     for steps in range(1, compiled_module.MAX_GRAPHS + 1):
         learner.inner_steps = steps
         outputs_and_grads(learner, batch, "compiled", weights)
-    assert learner._compiled.fallback_reason is None
+    assert learner.compile_fallback_reason is None
     learner.inner_steps = compiled_module.MAX_GRAPHS + 1
     with pytest.warns(CompileFallbackWarning, match="the configuration keeps changing"):
         _, got = outputs_and_grads(learner, batch, "compiled", weights)
