@@ -97,28 +97,47 @@ class _SignRule(torch.optim.Optimizer):
                                   "decay_steps": decay_steps, "num_periods": num_periods})
 
     @staticmethod
-    def combine(agreement: torch.Tensor, alpha: float, grad: torch.Tensor) -> torch.Tensor:
-        """The update of the gradient ``grad`` from ``agreement`` = f(t) · sign(g) · sign(m)."""
+    def combine_(agreements: list[torch.Tensor], alpha: float, grads: list[torch.Tensor]) -> None:
+        """Turn each ``agreement`` = f(t) · sign(g) · sign(m) into the update of its gradient, in place."""
         raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> torch.Tensor | None:
-        """One update of every parameter with a gradient; ``closure`` re-evaluates the loss (returned)."""
+        """One update of every parameter with a gradient; ``closure`` re-evaluates the loss (returned).
+
+        The parameters of a group that share a step count (all of them, unless some went without a
+        gradient) are updated together by ``torch._foreach_*`` operations, in place but for the
+        agreement: the same arithmetic as one tensor at a time, without a Python loop over tensors.
+        """
         loss = closure_loss(closure)
         for group in self.param_groups:
+            by_step: dict[int, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"], state["momentum"] = 0, torch.zeros_like(p)
-                m = state["momentum"].mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
-                f = 1.0 if group["sign_decay"] is None else sign_decay(group["sign_decay"], state["step"],
-                                                                       group["decay_steps"], group["num_periods"])
-                agreement = torch.sign(p.grad) * torch.sign(m) * f
-                p.add_(self.combine(agreement, group["alpha"], p.grad), alpha=-group["lr"])
-                state["step"] += 1
+                by_step.setdefault(state["step"], []).append(p)
+            for t, params in by_step.items():
+                self._update(group, t, params)
         return loss
+
+    def _update(self, group: dict[str, Any], t: int, params: list[torch.Tensor]) -> None:
+        """Step ``params`` of ``group``, all at step count ``t``."""
+        grads = [p.grad for p in params]
+        momenta = [self.state[p]["momentum"] for p in params]
+        torch._foreach_mul_(momenta, group["beta"])
+        torch._foreach_add_(momenta, grads, alpha=1 - group["beta"])
+        agreements = torch._foreach_sign(grads)
+        torch._foreach_mul_(agreements, torch._foreach_sign(momenta))
+        if group["sign_decay"] is not None:
+            torch._foreach_mul_(agreements, sign_decay(group["sign_decay"], t, group["decay_steps"],
+                                                       group["num_periods"]))
+        self.combine_(agreements, group["alpha"], grads)
+        torch._foreach_add_(params, agreements, alpha=-group["lr"])
+        for p in params:
+            self.state[p]["step"] = t + 1
 
 
 class PowerSign(_SignRule):
@@ -142,8 +161,10 @@ class PowerSign(_SignRule):
         super().__init__(params, lr, base, beta, sign_decay, decay_steps, num_periods)
 
     @staticmethod
-    def combine(agreement: torch.Tensor, alpha: float, grad: torch.Tensor) -> torch.Tensor:
-        return torch.exp(agreement * math.log(alpha)) * grad
+    def combine_(agreements: list[torch.Tensor], alpha: float, grads: list[torch.Tensor]) -> None:
+        torch._foreach_mul_(agreements, math.log(alpha))
+        torch._foreach_exp_(agreements)
+        torch._foreach_mul_(agreements, grads)
 
 
 class AddSign(_SignRule):
@@ -167,5 +188,6 @@ class AddSign(_SignRule):
         super().__init__(params, lr, alpha, beta, sign_decay, decay_steps, num_periods)
 
     @staticmethod
-    def combine(agreement: torch.Tensor, alpha: float, grad: torch.Tensor) -> torch.Tensor:
-        return (alpha + agreement) * grad
+    def combine_(agreements: list[torch.Tensor], alpha: float, grads: list[torch.Tensor]) -> None:
+        torch._foreach_add_(agreements, alpha)
+        torch._foreach_mul_(agreements, grads)

@@ -31,6 +31,7 @@ def test_a_short_run_writes_the_table_against_adam(tmp_path: Path) -> None:
     runpy.run_path(str(SCRIPT))["main"](["--steps", "1", "--only", "Adam", "PowerSign", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     assert [row["optimizer"] for row in report["rows"]] == ["Adam (foreach)", "Adam (for-loop)",
-                                                           "PowerSign (DSLOptimizer, Bello et al.)"]
+                                                           "PowerSign (DSLOptimizer, Bello et al.)",
+                                                           "PowerSign (torch.optim class)"]
     assert report["rows"][0]["vs_adam"] == 1.0 and all(row["step_ms"] > 0 for row in report["rows"])
     assert "| PowerSign (DSLOptimizer, Bello et al.) |" in out.with_suffix(".md").read_text()

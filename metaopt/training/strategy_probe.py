@@ -11,9 +11,10 @@ estimator and random states are as they were, and the probed strategies compute 
 meta-gradients to float rounding.
 
 Each strategy is timed :data:`REPEATS` times after one untimed call; its figure is the fastest
-(the least disturbed by other load). ``compiled`` is tried only where compiling (tens of seconds,
-:mod:`metaopt.engine.compiled`) can pay for itself, when the run is expected to last at least
-:data:`COMPILE_WORTH_S` at the best eager speed, and is dropped when it falls back to ``vmap``. A
+(the least disturbed by other load). ``compiled`` is tried only where compiling (from 20 s for
+a small MLP to minutes for a whole Conv4, :mod:`metaopt.engine.compiled`) can pay for itself: when
+the run, at the best eager speed, is expected to last :data:`COMPILE_PAYBACK` times the compile's
+estimated cost (:func:`estimated_compile_s`); it is dropped when it falls back to ``vmap``. A
 run shorter than :data:`PROBE_WORTH_FROM` iterations is not probed (the device rule of
 :func:`metaopt.engine.batching.resolve_strategy` decides). Several processes are not probed:
 they are chosen when the run is launched (``metaopt train --nproc``).
@@ -49,7 +50,8 @@ from metaopt.engine.meta_learner import MetaLearner
 from metaopt.estimators import Estimator
 from metaopt.training.checkpoint import capture_rng_state, restore_rng_state
 
-__all__ = ["COMPILE_WORTH_S", "PROBE_WORTH_FROM", "REPEATS", "StrategyChoice", "probe_strategy"]
+__all__ = ["COMPILE_COST_STEPS", "COMPILE_FLOOR_S", "COMPILE_PAYBACK", "PROBE_WORTH_FROM", "REPEATS", "StrategyChoice",
+           "estimated_compile_s", "probe_strategy"]
 
 #: Timed meta-gradients per strategy (after one untimed call that warms caches up).
 REPEATS = 3
@@ -57,8 +59,16 @@ REPEATS = 3
 #: Fewest remaining iterations for which a run is probed: the probe costs about ``3 * (REPEATS + 1)`` of them.
 PROBE_WORTH_FROM = 100
 
-#: Expected training seconds (at the best eager strategy's speed) from which compiling is tried.
-COMPILE_WORTH_S = 600.0
+#: Compiling costs about this many eager ``vmap`` meta-gradients of the same configuration (measured on 2 CPU cores:
+#: 180-450 for ANIL, MAML, Meta-SGD and MAML++ on Omniglot's Conv4-64, from 23 s to 325 s), ...
+COMPILE_COST_STEPS = 500
+
+#: ... and at least this many seconds (a small MLP's compile: 10-20 s).
+COMPILE_FLOOR_S = 20.0
+
+#: Compiling is tried when the run is expected to last this many times the compile's estimated cost, so that a
+#: compiled strategy that then loses (or fails its check) costs the run about a tenth at most.
+COMPILE_PAYBACK = 10
 
 _EAGER = ("loop", "vmap")
 
@@ -117,11 +127,10 @@ def probe_strategy(learner: MetaLearner, estimator: Estimator, problems: Any, it
     try:
         for name in _EAGER:
             seconds[name] = _time(learner, estimator, problems, iteration, name, before)[1]
-        best = min(seconds.values())
-        expected = agree(expected_s(best))
-        if expected < COMPILE_WORTH_S:
+        expected, cost = agree((expected_s(min(seconds.values())), estimated_compile_s(seconds["vmap"])))
+        if expected < COMPILE_PAYBACK * cost:
             skipped["compiled"] = (f"the run is expected to last {expected:.0f} s, too short to repay compiling "
-                                   f"(tried from {COMPILE_WORTH_S:.0f} s)")
+                                   f"(estimated {cost:.0f} s; tried from {COMPILE_PAYBACK}x that)")
         else:
             compile_s, timed, fallback = _time_compiled(learner, estimator, problems, iteration, before)
             if agree(fallback) is not None:
@@ -136,6 +145,11 @@ def probe_strategy(learner: MetaLearner, estimator: Estimator, problems: Any, it
         before.restore()
     learner.strategy = choice
     return StrategyChoice(choice, seconds, compile_s, skipped)
+
+
+def estimated_compile_s(vmap_seconds: float) -> float:
+    """Seconds compiling a configuration whose eager ``vmap`` meta-gradient takes ``vmap_seconds`` will likely take."""
+    return max(COMPILE_FLOOR_S, COMPILE_COST_STEPS * vmap_seconds)
 
 
 def _time(learner: MetaLearner, estimator: Estimator, problems: Any, iteration: int, strategy: str,

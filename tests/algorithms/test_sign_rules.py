@@ -44,6 +44,21 @@ def test_every_entry_follows_the_formula(rule, cls, alpha, decay) -> None:
         torch.testing.assert_close(theta.detach(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule, cls, alpha", [("power", PowerSign, math.e), ("add", AddSign, 1.0)])
+def test_tensors_stepped_together_each_follow_the_formula_at_their_own_step_count(rule, cls, alpha) -> None:
+    # the tensors of a group are updated together (foreach); one without a gradient at the first step lags a step
+    a, b, c = (torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(3))
+    opt = cls([a, b, c], 0.1, alpha, 0.9, sign_decay="linear", decay_steps=4)
+    decay = lambda t: sign_decay("linear", t, 4)  # noqa: E731
+    for k, g in enumerate(GRADS):
+        a.grad, c.grad = torch.tensor(g, dtype=torch.float64), torch.tensor(g[::-1], dtype=torch.float64)
+        b.grad = None if k == 0 else torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    for param, grads in ((a, GRADS), (b, GRADS[1:]), (c, [g[::-1] for g in GRADS])):
+        want = oracle(rule, grads, 0.1, alpha, 0.9, decay)[-1]
+        torch.testing.assert_close(param.detach(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
 def test_agreement_scales_the_step_and_disagreement_shrinks_or_stops_it() -> None:
     for cls, agree, disagree in ((PowerSign, math.e, 1 / math.e), (AddSign, 2.0, 0.0)):
         w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))

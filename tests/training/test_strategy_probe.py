@@ -15,7 +15,7 @@ from metaopt.models import MLP
 from metaopt.training import strategy_probe, trainer
 from metaopt.training.checkpoint import load_checkpoint
 from metaopt.training.config import TrainerConfig
-from metaopt.training.strategy_probe import COMPILE_WORTH_S, StrategyChoice, probe_strategy
+from metaopt.training.strategy_probe import COMPILE_PAYBACK, StrategyChoice, estimated_compile_s, probe_strategy
 from metaopt.training.trainer import MetaTrainer
 
 SHORT = lambda seconds: 1.0  # noqa: E731  (a run too short to compile for)
@@ -69,18 +69,23 @@ def test_the_probe_chooses_the_fastest_strategy_it_measured(monkeypatch):
 
 def test_compiling_is_tried_only_for_a_run_expected_to_repay_it(monkeypatch):
     monkeypatch.setattr(strategy_probe, "_time", lambda *args: (30.0, 0.01 if args[STRATEGY] == "compiled" else 0.02))
+    enough = COMPILE_PAYBACK * estimated_compile_s(0.02)
     expected = []
-    short = probe_strategy(maml(), Backprop(), tasks(), 0, expected_s=lambda s: expected.append(s) or 10.0)
+    short = probe_strategy(maml(), Backprop(), tasks(), 0, expected_s=lambda s: expected.append(s) or 0.99 * enough)
     assert expected == [0.02] and "compiled" not in short.seconds and "too short" in short.skipped["compiled"]
-    long = probe_strategy(maml(), Backprop(), tasks(), 0, expected_s=lambda s: COMPILE_WORTH_S)
+    long = probe_strategy(maml(), Backprop(), tasks(), 0, expected_s=lambda s: enough)
     assert (long.strategy, long.compile_s, long.skipped) == ("compiled", 30.0, {})
     assert "compiling 30 s" in long.summary()
+
+
+def test_compiling_is_estimated_from_the_eager_vmap_time_with_a_floor():
+    assert estimated_compile_s(0.2) == pytest.approx(100.0) and estimated_compile_s(1e-3) == 20.0
 
 
 def test_a_compiled_strategy_that_falls_back_to_vmap_is_not_chosen():
     learner = maml()
     learner._compiled.fallback_reason = "no C++ compiler"  # as a failed compile leaves it: vmap runs, unwarned
-    choice = probe_strategy(learner, Backprop(), tasks(), 0, expected_s=lambda s: COMPILE_WORTH_S)
+    choice = probe_strategy(learner, Backprop(), tasks(), 0, expected_s=lambda s: 1e9)
     assert set(choice.seconds) == {"loop", "vmap"} and choice.strategy in ("loop", "vmap")
     assert choice.skipped == {"compiled": "it fell back to vmap (no C++ compiler)"}
 
