@@ -309,7 +309,8 @@ class MetaTrainer:
                             budget, None if writes is None else writes / LOG_FILE, quiet=not self.world.leader)
         with RunLogger(writes, start=self.iteration) as log, progress, self._stopping_on_signals():
             if self.strategy_choice is not None:
-                progress.message(self.strategy_choice.summary())
+                kept = "; kept from the start of the run" if resume else ""
+                progress.message(self.strategy_choice.summary() + kept)
             while not self.finished:
                 summary["train_loss"], val = self._iterate(log, progress)
                 summary["val"] = val or summary["val"]

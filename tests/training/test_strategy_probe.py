@@ -136,6 +136,8 @@ def test_a_resumed_run_keeps_its_probed_strategy_without_probing_again(tmp_path,
     resumed = MetaTrainer(maml(), tasks(), config(iterations=6), run_dir=tmp_path)
     summary = resumed.fit(resume=True)
     assert resumed.learner.strategy == "vmap" and summary["strategy"]["seconds"] == {"loop": 2.0, "vmap": 1.0}
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("strategy auto chose vmap: loop 2000.0 ms") == 2 and "; kept from the start of the run\n" in log
 
 
 def test_a_run_saved_before_probing_existed_resumes_with_the_device_rule(tmp_path, monkeypatch):
