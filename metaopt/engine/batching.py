@@ -12,7 +12,9 @@ Two strategies give the same results to rounding error:
   no gradient is taken). Here it is :func:`map_tasks`'s ``"vmap"``.
 
 ``"auto"`` is ``vmap`` on CUDA and ``loop`` elsewhere, and ``loop`` wherever tasks cannot be
-batched; :func:`resolve_strategy` is the one place that decides.
+batched; :func:`resolve_strategy` is the one place that decides. A training run replaces an
+``"auto"`` learner's strategy before it starts by the fastest one on its first batch
+(:mod:`metaopt.training.strategy_probe`).
 
 Example:
     >>> import torch

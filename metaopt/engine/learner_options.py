@@ -33,8 +33,9 @@ class InnerLoopOptions(Options):
     Args:
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at evaluation (None: inner_steps).
-        strategy: task batching: "auto" (vmap on CUDA, loop elsewhere), "loop", "vmap" or "compiled" (the
-            whole meta-gradient as one torch.compile graph; compiles once per configuration).
+        strategy: task batching: "auto" (in a run of 100 iterations or more: the fastest on the first
+            batch, timed and recorded; else vmap on CUDA, loop elsewhere), "loop", "vmap" or "compiled"
+            (the whole meta-gradient as one torch.compile graph; compiles once per configuration).
         bn_policy: batch-norm policy: "batch" (MAML's: statistics of the batch at hand), "frozen",
             "running" (torch's train/eval) or "support" (Ravi & Larochelle's per-task statistics).
     """

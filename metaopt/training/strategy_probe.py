@@ -133,7 +133,8 @@ def probe_strategy(learner: MetaLearner, estimator: Estimator, problems: Any, it
                                    f"(estimated {cost:.0f} s; tried from {COMPILE_PAYBACK}x that)")
         else:
             compile_s, timed, fallback = _time_compiled(learner, estimator, problems, iteration, before)
-            if agree(fallback) is not None:
+            fallback = agree(fallback)
+            if fallback is not None:
                 skipped["compiled"] = f"it fell back to vmap ({fallback})"
             else:
                 seconds["compiled"] = timed

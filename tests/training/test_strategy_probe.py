@@ -97,6 +97,15 @@ def test_every_process_takes_the_leaders_choice():
     assert choice.strategy == "loop"
 
 
+def test_every_process_drops_compiled_when_the_leaders_fell_back(monkeypatch):
+    monkeypatch.setattr(strategy_probe, "_time_compiled", lambda *args: (1.0, 1e-6, None))  # fastest here
+    leader = {type(None): "no C++ compiler on rank 0"}
+    choice = probe_strategy(maml(), Backprop(), tasks(), 0, expected_s=lambda s: 1e9,
+                            agree=lambda value: leader.get(type(value), value))
+    assert choice.strategy != "compiled" and choice.skipped == {
+        "compiled": "it fell back to vmap (no C++ compiler on rank 0)"}
+
+
 def test_a_learner_that_must_loop_has_nothing_to_probe():
     learner = MAML(BatchNormNet(), inner_lr=0.01, bn_policy="running")
     with pytest.raises(ValueError, match="one after another.*batch-norm policy 'running'"):
