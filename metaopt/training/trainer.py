@@ -248,14 +248,20 @@ class MetaTrainer:
         self.nonfinite = dict(state["nonfinite"])
         self._clock = Clock(**state["time"])
         restore_rng_state(state["rng"], path)
-        self._restore_strategy(state.get("strategy"))
+        self._restore_strategy(state.get("strategy"), path)
         self._saved_iteration = self.iteration
 
-    def _restore_strategy(self, stored: dict[str, Any] | None) -> None:
+    def _restore_strategy(self, stored: dict[str, Any] | None, path: str | Path) -> None:
         """The probe's choice of a resumed run (a run without one keeps the device rule it started with)."""
-        self.strategy_choice = None if stored is None else StrategyChoice(**stored)
-        if self.strategy_choice is not None:
-            self.learner.strategy = self.strategy_choice.strategy
+        if stored is None:
+            self.strategy_choice = None
+            return
+        try:
+            self.strategy_choice = StrategyChoice(**stored)
+        except TypeError as err:
+            raise CheckpointError(f"checkpoint {path}: the strategy chosen by the timing probe is malformed ({err}); "
+                                  "the file is damaged: resume from another checkpoint or start the run again") from err
+        self.learner.strategy = self.strategy_choice.strategy
 
     def _apply_meta_lr(self) -> None:
         """Set the meta learning rate to this config's after loading a state saved with another (a resumable change)."""

@@ -13,7 +13,7 @@ from metaopt.datasets import Sinusoid
 from metaopt.estimators import Backprop
 from metaopt.models import MLP
 from metaopt.training import strategy_probe, trainer
-from metaopt.training.checkpoint import load_checkpoint
+from metaopt.training.checkpoint import CheckpointError, load_checkpoint
 from metaopt.training.config import TrainerConfig
 from metaopt.training.strategy_probe import COMPILE_PAYBACK, StrategyChoice, estimated_compile_s, probe_strategy
 from metaopt.training.trainer import MetaTrainer
@@ -175,3 +175,13 @@ def test_a_choice_round_trips_through_its_dict():
     assert StrategyChoice(**choice.to_dict()) == choice
     assert choice.summary() == ("strategy auto chose vmap: loop 200.0 ms, vmap 100.0 ms per meta-gradient; "
                                 "compiled not used: too short")
+
+
+def test_a_checkpoint_with_a_malformed_choice_is_a_checkpoint_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "PROBE_WORTH_FROM", 1)
+    MetaTrainer(maml(), tasks(), config(iterations=3), run_dir=tmp_path).fit()
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["strategy"] = {"chosen": "vmap"}
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="last.pt: the strategy chosen by the timing probe is malformed"):
+        MetaTrainer(maml(), tasks(), config(), run_dir=tmp_path).fit(resume=True)
