@@ -34,7 +34,7 @@ from metaopt.estimators import Backprop
 from metaopt.registry import load_plugins
 from metaopt.training.config import load_preset
 from metaopt.training.experiment import build_experiment
-from metaopt.training.strategy_probe import probe_strategy
+from metaopt.training.strategy_probe import expected_run_s, probe_strategy
 
 PRESETS = ("maml-sinusoid-5shot", "maml-omniglot-5w1s", "maml-anil-omniglot-5w1s", "metasgd-omniglot-5w1s",
            "mamlpp-omniglot-5w1s")
@@ -44,11 +44,9 @@ def probe_preset(name: str, time_budget: float | None) -> dict:
     """The probe's choice and figures for preset ``name`` with ``strategy="auto"``."""
     config = load_preset(name).replace(algorithm={"strategy": "auto"})
     experiment = build_experiment(config)
-    iterations = config.trainer.iterations
-    budget_s = math.inf if time_budget is None else 60 * time_budget
     start = time.perf_counter()
     choice = probe_strategy(experiment.learner, experiment.estimator, experiment.problems("train"), 0,
-                            expected_s=lambda seconds: min(seconds * iterations, budget_s))
+                            expected_s=expected_run_s(config.trainer.iterations, time_budget))
     return {"preset": name, "probe_s": time.perf_counter() - start, **choice.to_dict()}
 
 
@@ -67,7 +65,8 @@ def probe_bench(workload: Workload, time_budget: float) -> dict:
     learner = MetaLearner(workload.model(), sgd(workload.inner_lr), inner_steps=workload.inner_steps,
                           first_order=workload.first_order)
     start = time.perf_counter()
-    choice = probe_strategy(learner, Backprop(), _Repeated(workload), 0, expected_s=lambda seconds: 60 * time_budget)
+    choice = probe_strategy(learner, Backprop(), _Repeated(workload), 0,
+                            expected_s=expected_run_s(math.inf, time_budget))
     return {"preset": f"bench {workload.label}, {workload.order} order", "probe_s": time.perf_counter() - start,
             **choice.to_dict()}
 

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from metaopt.estimators import Estimator
 from metaopt.training.checkpoint import capture_rng_state, restore_rng_state
 
 __all__ = ["COMPILE_COST_STEPS", "COMPILE_FLOOR_S", "COMPILE_PAYBACK", "PROBE_WORTH_FROM", "REPEATS", "StrategyChoice",
-           "estimated_compile_s", "probe_strategy"]
+           "estimated_compile_s", "expected_run_s", "probe_strategy"]
 
 #: Timed meta-gradients per strategy (after one untimed call that warms caches up).
 REPEATS = 3
@@ -139,13 +140,22 @@ def probe_strategy(learner: MetaLearner, estimator: Estimator, problems: Any, it
             else:
                 seconds["compiled"] = timed
         choice = agree(min(seconds, key=seconds.__getitem__))
-    except BaseException:
-        learner.strategy = before.strategy
-        raise
     finally:
         before.restore()
+        learner.strategy = before.strategy
     learner.strategy = choice
     return StrategyChoice(choice, seconds, compile_s, skipped)
+
+
+def expected_run_s(iterations: float, time_budget_min: float | None) -> Callable[[float], float]:
+    """A run's expected training seconds from one meta-gradient's: ``iterations`` of them, capped by the budget.
+
+    Example:
+        >>> expected_run_s(1000, time_budget_min=1)(0.1), expected_run_s(math.inf, None)(0.1)
+        (60, inf)
+    """
+    budget_s = math.inf if time_budget_min is None else 60 * time_budget_min
+    return lambda seconds: min(seconds * iterations, budget_s)
 
 
 def estimated_compile_s(vmap_seconds: float) -> float:

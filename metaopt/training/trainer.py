@@ -80,7 +80,7 @@ from metaopt.training.legacy import convert_state, read_run_config
 from metaopt.training.logging import RunLogger, note
 from metaopt.training.progress import LOG_FILE, Progress
 from metaopt.training.schedules import cosine_meta_lr
-from metaopt.training.strategy_probe import PROBE_WORTH_FROM, StrategyChoice, probe_strategy
+from metaopt.training.strategy_probe import PROBE_WORTH_FROM, StrategyChoice, expected_run_s, probe_strategy
 
 __all__ = ["RESUMABLE_CHANGES", "Interrupted", "MetaTrainer", "NonFiniteError"]
 
@@ -423,12 +423,11 @@ class MetaTrainer:
         if (not isinstance(learner, MetaLearner) or learner.strategy != "auto" or learner.loop_only is not None
                 or remaining < PROBE_WORTH_FROM):
             return None
-        budget_s = math.inf if self.config.time_budget is None else 60 * self.config.time_budget
         if self.world.leader:
             note("strategy auto: timing loop and vmap (and compiled, for a long run) on the first batch")
         learner.set_epoch(self.epoch(self.iteration))
         return probe_strategy(learner, self.estimator, self.train_problems, self.iteration,
-                              expected_s=lambda seconds: min(seconds * remaining, budget_s),
+                              expected_s=expected_run_s(remaining, self.config.time_budget),
                               agree=lambda value: self.world.from_leader(lambda: value))
 
     def _start(self) -> None:
