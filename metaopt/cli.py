@@ -317,20 +317,27 @@ def _launched(argv: Sequence[str]) -> tuple[int | None, list[str]]:
 def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``metaopt train argv`` on ``nproc`` processes of this machine through ``torchrun``; its exit status.
 
-    The launcher runs in its own session, so a Ctrl-C reaches the ranks once, forwarded by the launcher.
+    The launcher runs in its own session, so a Ctrl-C reaches the ranks once, forwarded by the
+    launcher, as does a SIGTERM sent to this process; the ranks then stop after their meta-update
+    and rank 0 says how to resume (exit status ``128 + signal``, nothing more printed here).
     """
     if "WORLD_SIZE" in os.environ:
         raise ConfigError("--nproc starts torchrun itself, but this process already runs under torchrun "
                           f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): drop --nproc")
     print(f"starting {nproc} processes: {shlex.join(launch_command(nproc, argv))}", flush=True)
     child = subprocess.Popen(launch_command(nproc, argv), start_new_session=True)
-    while True:
-        try:
-            status = child.wait()
-            break
-        except KeyboardInterrupt:
-            child.send_signal(signal.SIGINT)
-    if status != 0:  # a rank that crashed in native code (gloo aborts) prints nothing: torchrun's report names it
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                status = child.wait()
+                break
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if status not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # a rank that crashed in native code (gloo aborts) prints nothing: torchrun's report names it
         print(f"metaopt train: error: a process of the run failed (torchrun exit status {status}; its report above "
               "names the rank under 'Root Cause'); the last checkpoint is intact: restart the whole run with "
               f"metaopt train --nproc {nproc} --resume RUN_DIR", file=sys.stderr, flush=True)
@@ -376,8 +383,10 @@ def _train(argv: Sequence[str]) -> int:
         kept = "" if stop.saved == stop.iteration else f" (last.pt holds iteration {stop.saved}: the meta-updates " \
                                                          "since were not finite)"
         if leader:
-            print(f"interrupted at iteration {stop.iteration}{kept}; resume with: metaopt train --resume {run_dir}",
-                  file=sys.stderr)
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            launch = f"--nproc {world} " if world > 1 else ""
+            print(f"interrupted at iteration {stop.iteration}{kept}; resume with: metaopt train {launch}--resume "
+                  f"{run_dir}", file=sys.stderr)
         return 128 + stop.signum
     except RunCompleteError as done:
         if leader:

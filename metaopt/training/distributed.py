@@ -313,12 +313,14 @@ def leave_world() -> None:
 def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
     """The ``torchrun`` command that runs ``metaopt train argv`` on ``nproc`` processes of this machine.
 
+    It is torch's launcher through :mod:`metaopt.training.torchrun`, which stops quietly on Ctrl-C.
+
     Example:
         >>> launch_command(2, ["--preset", "maml-sinusoid-5shot"])[2:]
-        ['torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'metaopt', 'train', '--preset', \
+        ['metaopt.training.torchrun', '--standalone', '--nproc-per-node=2', '-m', 'metaopt', 'train', '--preset', \
 'maml-sinusoid-5shot']
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+    return [sys.executable, "-m", "metaopt.training.torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m",
             "metaopt", "train", *argv]

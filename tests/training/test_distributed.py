@@ -182,6 +182,41 @@ def test_sigkill_of_a_rank_stops_the_other_with_the_rank_named_and_resume_equals
     assert json.loads((tmp_path / "killed" / "config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_of_the_launcher_stops_every_rank_quietly_with_the_resume_command(
+        tmp_path: Path, signum: signal.Signals) -> None:
+    run = tmp_path / "run"
+    launcher = metaopt_train("--nproc", "2", *SINUSOID, "--iterations", "100000", "--run-dir", str(run))
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and (not metrics.exists() or len(read_metrics(metrics)) < 4):
+            time.sleep(0.05)
+        launcher.send_signal(signum)
+        output = launcher.communicate(timeout=90)[0]
+    finally:
+        launcher.kill()
+        launcher.communicate()
+    assert launcher.returncode == 128 + signum, output
+    assert "Traceback" not in output and "error" not in output, output
+    (line,) = [line for line in output.splitlines() if line.startswith("interrupted at iteration")]
+    stopped = int(line.split()[3].rstrip(";"))
+    assert line == f"interrupted at iteration {stopped}; resume with: metaopt train --nproc 2 --resume {run}"
+    assert load_checkpoint(run / "last.pt", required=["iteration"])["iteration"] == stopped
+    assert not processes_of(run)  # torchrun and both ranks have exited
+
+
+def processes_of(run: Path) -> list[int]:
+    """The pids of the processes whose command line names ``run``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def test_a_run_of_two_processes_resumes_on_one(tmp_path: Path) -> None:
     two = metaopt_train("--nproc", "2", *SINUSOID, "--iterations", "100", "--run-dir", str(tmp_path / "run"))
     output = two.communicate(timeout=120)[0]
