@@ -11,9 +11,11 @@ autograd would, and estimators, gradient clipping and distributed all-reduce wor
 
 Compiling takes time once per configuration (10-30 s for MAML's sinusoid MLP or ANIL's Conv4, up
 to a few minutes for a whole Conv4 on a 2-core CPU); the graphs are cached per configuration
-(inner steps, step weights, order, tracked steps, ways; at most :data:`MAX_GRAPHS`) and, by
-torch's guards, per shape. Evaluation (no gradient) runs the eager ``vmap`` path. A new graph's
-first meta-gradient is checked against eager ``vmap``'s on the same batch (within
+(inner steps, step weights, order, ways; at most :data:`MAX_GRAPHS`) and, by torch's guards, per
+shape. Evaluation (no gradient) runs the eager ``vmap`` path, and so do the per-step query losses
+a training run logs (:meth:`metaopt.engine.meta_learner.MetaLearner.task_outputs` with
+``track_steps``: an eager pass without gradients), so that logging never compiles another graph.
+A new graph's first meta-gradient is checked against eager ``vmap``'s on the same batch (within
 :data:`AGREEMENT`): on an Intel CPU, torch 2.14's inductor gives the second-order meta-gradient of
 a whole strided Conv4 over 32 tasks 2% away from eager (8 tasks: 2e-7; float64: exact), and such
 a graph is not used. Where ``torch.compile`` cannot handle a configuration (no C++ compiler, an
@@ -131,34 +133,34 @@ class CompiledMetaGradient:
         self._graphs: dict[Hashable, Callable[..., Any]] = {}
         self.fallback_reason: str | None = None
 
-    def task_outputs(self, steps: int, weights: list[float], track: bool, ways: int | None,
-                     tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(losses, step_losses, accuracy)`` per task, or ``None`` where this configuration fell back to vmap."""
+    def task_outputs(self, steps: int, weights: list[float], ways: int | None,
+                     tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(losses, accuracy)`` per task, or ``None`` where this configuration fell back to vmap."""
         if self.fallback_reason is not None:
             return None
         trainable = {name: p for name, p in self._learner.named_parameters() if p.requires_grad}
-        key = (steps, tuple(weights), track, ways, self._learner.first_order)
+        key = (steps, tuple(weights), ways, self._learner.first_order)
         graph = self._graphs.get(key)
         if graph is None and len(self._graphs) >= MAX_GRAPHS:
-            self._fall_back(f"{len(self._graphs)} configurations (inner steps, step weights, order, tracked steps, "
-                            "ways) are compiled already and this is another: the configuration keeps changing (as "
+            self._fall_back(f"{len(self._graphs)} configurations (inner steps, step weights, order, ways) are "
+                            "compiled already and this is another: the configuration keeps changing (as "
                             "MAML++'s annealed step weights do), and every change would compile again")
             return None
         new = graph is None
         if new:
-            graph = self._graphs[key] = torch.compile(functools.partial(self._meta_gradients, steps, weights, track,
-                                                                        ways), fullgraph=True, dynamic=False)
+            graph = self._graphs[key] = torch.compile(functools.partial(self._meta_gradients, steps, weights, ways),
+                                                      fullgraph=True, dynamic=False)
         # detached inputs: the graph is the whole meta-gradient, so nothing differentiates through it
         inputs = ({n: p.detach() for n, p in trainable.items()}, *(t.detach() for t in tensors))
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                grads, (losses, step_losses, accuracy) = graph(*inputs)
+                grads, (losses, _, accuracy) = graph(*inputs)
         except Exception as error:  # noqa: BLE001 - any failure inside torch.compile means: run eagerly
             message = str(error).strip()
             self._fall_back(f"{type(error).__name__}: {message.splitlines()[0] if message else ''}")
             return None
         if new:
-            gap = _relative_gap(grads, self._meta_gradients(steps, weights, track, ways, *inputs)[0])
+            gap = _relative_gap(grads, self._meta_gradients(steps, weights, ways, *inputs)[0])
             if gap > AGREEMENT:
                 self._fall_back(f"its meta-gradient differs from eager vmap's on the first batch by {gap:.1e} of its "
                                 f"largest entry (tolerance {AGREEMENT:g}); torch.compile generated code that "
@@ -166,14 +168,14 @@ class CompiledMetaGradient:
                 return None
         names = list(trainable)
         losses = _WithMetaGradients.apply(losses, len(names), *(grads[n] for n in names), *trainable.values())
-        return losses, step_losses, accuracy
+        return losses, accuracy
 
-    def _meta_gradients(self, steps: int, weights: list[float], track: bool, ways: int | None, trainable: Params,
+    def _meta_gradients(self, steps: int, weights: list[float], ways: int | None, trainable: Params,
                         *tensors: torch.Tensor) -> tuple[Params, tuple[torch.Tensor, ...]]:
         def one_task(params: Params, *slices: torch.Tensor) -> tuple[torch.Tensor, ...]:
             model = {name[len(_MODEL):]: p for name, p in params.items() if name.startswith(_MODEL)}
             others = {f"learner.{name}": p for name, p in params.items() if not name.startswith(_MODEL)}
-            return torch.func.functional_call(self._call, others, (model, steps, weights, track, ways, *slices),
+            return torch.func.functional_call(self._call, others, (model, steps, weights, False, ways, *slices),
                                               {"functional": True}, strict=False)
 
         def summed(params: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

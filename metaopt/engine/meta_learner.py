@@ -307,14 +307,22 @@ class MetaLearner(Learner):
         weights = resolve_weights(steps, self.step_weights if steps == self.inner_steps and not final_step_only
                                   else None)
         strategy = resolve_strategy(self.strategy, batch.support_x.device, self.loop_only)
+
+        def eager(track: bool, batching: str) -> tuple[torch.Tensor, ...]:
+            task = functools.partial(self._task, named_params(self.model), steps, weights, track, batch.ways)
+            return map_tasks(task, batch.tensors(), batching)
+
         with self.bn_policy.meta_batch(self.model, training=self.training and torch.is_grad_enabled()):
-            outputs = None
+            compiled = None
             if strategy == "compiled" and torch.is_grad_enabled():
-                outputs = self._compiled.task_outputs(steps, weights, track_steps, batch.ways, batch.tensors())
-            if outputs is None:
-                task = functools.partial(self._task, named_params(self.model), steps, weights, track_steps, batch.ways)
-                outputs = map_tasks(task, batch.tensors(), "vmap" if strategy == "compiled" else strategy)
-        losses, step_losses, accuracy = outputs
+                compiled = self._compiled.task_outputs(steps, weights, batch.ways, batch.tensors())
+            if compiled is None:
+                losses, step_losses, accuracy = eager(track_steps, "vmap" if strategy == "compiled" else strategy)
+            else:
+                (losses, accuracy), step_losses = compiled, None
+                if track_steps:  # eagerly and without gradients: tracking them in the graph would compile another
+                    with torch.no_grad():
+                        step_losses = eager(True, "vmap")[1]
         return TaskOutputs(losses, step_losses if track_steps else None,
                            None if batch.query_y.is_floating_point() else accuracy)
 

@@ -152,3 +152,16 @@ def test_tasks_that_must_run_one_after_another_refuse_the_compiled_strategy() ->
     with pytest.raises(ValueError, match=r"strategy='compiled' is not available: batch-norm policy 'running' writes "
                                          r"statistics shared by the tasks; use strategy='loop'"):
         MetaLearner(tiny_convnet(), sgd(0.3), bn_policy="running", strategy="compiled")
+
+
+def test_tracking_the_step_losses_compiles_no_second_graph_and_tracks_what_the_loop_does() -> None:
+    learner = MetaLearner(tiny_mlp(), sgd(0.1), inner_steps=3, step_weights=[0.2, 0.3, 0.5])
+    batch, weights = toy_regression_batch(tasks=2), torch.ones(2, dtype=torch.float64)
+    by_loop, grads_loop = outputs_and_grads(learner, batch, "loop", weights)
+    by_compiled, grads_compiled = outputs_and_grads(learner, batch, "compiled", weights)  # tracked
+    untracked = learner.task_outputs(batch)
+    assert len(learner._compiled._graphs) == 1 and untracked.step_losses is None
+    assert by_compiled.step_losses.shape == (2, 4) and not by_compiled.step_losses.requires_grad
+    torch.testing.assert_close(by_compiled.step_losses, by_loop.step_losses)
+    torch.testing.assert_close(untracked.losses, by_loop.losses)
+    assert_close_dicts(grads_compiled, grads_loop)
