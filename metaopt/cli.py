@@ -317,8 +317,8 @@ def _launched(argv: Sequence[str]) -> tuple[int | None, list[str]]:
 def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``metaopt train argv`` on ``nproc`` processes of this machine through ``torchrun``; its exit status.
 
-    The launcher runs in its own session, so a Ctrl-C reaches the ranks once, forwarded by the
-    launcher, as does a SIGTERM sent to this process; the ranks then stop after their meta-update
+    The launcher runs in its own session, so a Ctrl-C reaches the ranks once, forwarded by this
+    process, as does a SIGTERM sent to it; the ranks then stop after their meta-update
     and rank 0 says how to resume (exit status ``128 + signal``, nothing more printed here).
     """
     if "WORLD_SIZE" in os.environ:
@@ -326,16 +326,14 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
                           f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): drop --nproc")
     print(f"starting {nproc} processes: {shlex.join(launch_command(nproc, argv))}", flush=True)
     child = subprocess.Popen(launch_command(nproc, argv), start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    # set, not inherited: a launcher started in the background of a script inherits SIGINT ignored
+    previous = {signum: signal.signal(signum, lambda signum, frame: child.send_signal(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                status = child.wait()
-                break
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
+        status = child.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if status not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         # a rank that crashed in native code (gloo aborts) prints nothing: torchrun's report names it
         print(f"metaopt train: error: a process of the run failed (torchrun exit status {status}; its report above "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -186,7 +187,10 @@ def test_sigkill_of_a_rank_stops_the_other_with_the_rank_named_and_resume_equals
 def test_ctrl_c_or_sigterm_of_the_launcher_stops_every_rank_quietly_with_the_resume_command(
         tmp_path: Path, signum: signal.Signals) -> None:
     run = tmp_path / "run"
-    launcher = metaopt_train("--nproc", "2", *SINUSOID, "--iterations", "100000", "--run-dir", str(run))
+    # started with SIGINT ignored, as a script's background job is: the launcher must set its own handler
+    launcher = subprocess.Popen([sys.executable, "-m", "metaopt", "train", "--nproc", "2", *SINUSOID, "--iterations",
+                                 "100000", "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
         while time.monotonic() < deadline and (not metrics.exists() or len(read_metrics(metrics)) < 4):
@@ -194,15 +198,18 @@ def test_ctrl_c_or_sigterm_of_the_launcher_stops_every_rank_quietly_with_the_res
         launcher.send_signal(signum)
         output = launcher.communicate(timeout=90)[0]
     finally:
-        launcher.kill()
+        left = processes_of(run)
+        for pid in [launcher.pid, *left]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launcher.communicate()
+    assert not left  # torchrun and both ranks have exited
     assert launcher.returncode == 128 + signum, output
     assert "Traceback" not in output and "error" not in output, output
     (line,) = [line for line in output.splitlines() if line.startswith("interrupted at iteration")]
     stopped = int(line.split()[3].rstrip(";"))
     assert line == f"interrupted at iteration {stopped}; resume with: metaopt train --nproc 2 --resume {run}"
     assert load_checkpoint(run / "last.pt", required=["iteration"])["iteration"] == stopped
-    assert not processes_of(run)  # torchrun and both ranks have exited
 
 
 def processes_of(run: Path) -> list[int]:
