@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from metaopt.bench.workloads import Workload, build_meta_loss
+from metaopt.bench.workloads import Workload, build_meta_loss, plain_meta_loss
 
 MetaLoss = tuple[list[torch.Tensor], Callable[[], torch.Tensor]]
 
@@ -79,13 +79,12 @@ def network_lever(change: Callable[[nn.Module], None] | None) -> Callable[[Workl
 
 
 def compiled_query_pass(workload: Workload) -> MetaLoss:
-    """A per-task loop (the bench's plain peer) whose query pass, the loss of the adapted parameters, is compiled.
+    """The bench's plain per-task loop whose query pass, the loss of the adapted parameters, is compiled.
 
-    Every pass normalises with its batch's statistics and leaves the running statistics alone (the
-    compiled pass would otherwise update buffers that the support pass's graph has saved).
+    The compiled pass normalises with its batch's statistics without writing the running ones (it
+    would otherwise update buffers that the eager support pass's graph has saved).
     """
     model, batch = workload.model(), workload.batch()
-    params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
 
     def loss(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,20 +93,8 @@ def compiled_query_pass(workload: Workload) -> MetaLoss:
 
     # Tracing reads the adapted (non-leaf) parameters' .grad, which torch warns about; nothing here uses it.
     warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf", UserWarning)
-    query_loss = torch.compile(loss, dynamic=False)
-
-    def meta_loss() -> torch.Tensor:
-        losses = []
-        for sx, sy, qx, qy in zip(*batch.tensors()):
-            fast = params
-            for _ in range(workload.inner_steps):
-                grads = torch.autograd.grad(loss(fast, sx, sy), list(fast.values()),
-                                            create_graph=not workload.first_order)
-                fast = {name: p - workload.inner_lr * g for (name, p), g in zip(fast.items(), grads)}
-            losses.append(query_loss(fast, qx, qy))
-        return torch.stack(losses).mean()
-
-    return list(params.values()), meta_loss
+    meta_loss = plain_meta_loss(model, batch, workload, query_loss=torch.compile(loss, dynamic=False))
+    return list(model.parameters()), meta_loss
 
 
 LEVERS: dict[str, Callable[[Workload], MetaLoss]] = {

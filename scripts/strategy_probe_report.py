@@ -23,14 +23,16 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from metaopt.bench.workloads import Workload
 from metaopt.engine.meta_learner import MetaLearner
 from metaopt.engine.rules import sgd
-from metaopt.estimators import Backprop
+from metaopt.estimators import Backprop, Estimator
 from metaopt.registry import load_plugins
 from metaopt.training.config import load_preset
 from metaopt.training.experiment import build_experiment
@@ -44,10 +46,16 @@ def probe_preset(name: str, time_budget: float | None) -> dict:
     """The probe's choice and figures for preset ``name`` with ``strategy="auto"``."""
     config = load_preset(name).replace(algorithm={"strategy": "auto"})
     experiment = build_experiment(config)
+    return timed_probe(name, experiment.learner, experiment.estimator, experiment.problems("train"),
+                       expected_run_s(config.trainer.iterations, time_budget))
+
+
+def timed_probe(label: str, learner: MetaLearner, estimator: Estimator, problems: Any,
+                expected_s: Callable[[float], float]) -> dict:
+    """One row: the probe's choice for ``learner`` on its first batch of ``problems``, and the probe's wall time."""
     start = time.perf_counter()
-    choice = probe_strategy(experiment.learner, experiment.estimator, experiment.problems("train"), 0,
-                            expected_s=expected_run_s(config.trainer.iterations, time_budget))
-    return {"preset": name, "probe_s": time.perf_counter() - start, **choice.to_dict()}
+    choice = probe_strategy(learner, estimator, problems, 0, expected_s=expected_s)
+    return {"preset": label, "probe_s": time.perf_counter() - start, **choice.to_dict()}
 
 
 class _Repeated:
@@ -64,11 +72,8 @@ def probe_bench(workload: Workload, time_budget: float) -> dict:
     """The probe's choice for a ``metaopt bench`` configuration, for a run of ``time_budget`` minutes."""
     learner = MetaLearner(workload.model(), sgd(workload.inner_lr), inner_steps=workload.inner_steps,
                           first_order=workload.first_order)
-    start = time.perf_counter()
-    choice = probe_strategy(learner, Backprop(), _Repeated(workload), 0,
-                            expected_s=expected_run_s(math.inf, time_budget))
-    return {"preset": f"bench {workload.label}, {workload.order} order", "probe_s": time.perf_counter() - start,
-            **choice.to_dict()}
+    return timed_probe(f"bench {workload.label}, {workload.order} order", learner, Backprop(), _Repeated(workload),
+                       expected_run_s(math.inf, time_budget))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,10 @@ from metaopt.engine.rules import sgd
 from metaopt.models import Conv4
 from metaopt.problems.episode import Episode
 
-__all__ = ["METHODS", "Workload", "build_meta_loss", "learn2learn_unavailable"]
+__all__ = ["METHODS", "QueryLoss", "Workload", "build_meta_loss", "learn2learn_unavailable", "plain_meta_loss"]
+
+#: ``query_loss(params, x, y)``: the loss of a task's adapted parameters on its query set.
+QueryLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: MetaLearner options of the metaopt implementations.
 _METAOPT = {
@@ -120,19 +123,30 @@ def learn2learn_unavailable() -> str | None:
     return None
 
 
-def _plain_meta_loss(model: nn.Module, batch: Episode, workload: Workload) -> Callable[[], torch.Tensor]:
-    """MAML as one writes it without a library: functional_call and autograd.grad, task after task."""
+def plain_meta_loss(model: nn.Module, batch: Episode, workload: Workload,
+                    query_loss: QueryLoss | None = None) -> Callable[[], torch.Tensor]:
+    """MAML as one writes it without a library: functional_call and autograd.grad, task after task.
+
+    ``query_loss(params, x, y)`` scores the adapted parameters on a task's query set (default: the
+    cross-entropy of ``model`` run on them, as on the support set), so that a measurement can swap
+    in another implementation of that pass (``scripts/conv_levers.py`` compiles it).
+    """
     params = dict(model.named_parameters())
+
+    def loss(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, state, (x,)), y)
+
+    outer = loss if query_loss is None else query_loss
 
     def meta_loss() -> torch.Tensor:
         losses = []
         for sx, sy, qx, qy in zip(*batch.tensors()):
             fast = params
             for _ in range(workload.inner_steps):
-                inner = F.cross_entropy(torch.func.functional_call(model, fast, (sx,)), sy)
-                grads = torch.autograd.grad(inner, list(fast.values()), create_graph=not workload.first_order)
+                grads = torch.autograd.grad(loss(fast, sx, sy), list(fast.values()),
+                                            create_graph=not workload.first_order)
                 fast = {name: p - workload.inner_lr * g for (name, p), g in zip(fast.items(), grads)}
-            losses.append(F.cross_entropy(torch.func.functional_call(model, fast, (qx,)), qy))
+            losses.append(outer(fast, qx, qy))
         return torch.stack(losses).mean()
 
     return meta_loss
@@ -165,7 +179,7 @@ def build_meta_loss(method: str, workload: Workload) -> tuple[nn.Module, Callabl
     """
     model, batch = workload.model(), workload.batch()
     if method == "plain":
-        return model, _plain_meta_loss(model, batch, workload)
+        return model, plain_meta_loss(model, batch, workload)
     if method == "learn2learn":
         return model, _learn2learn_meta_loss(model, batch, workload)
     if method not in _METAOPT:

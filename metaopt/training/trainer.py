@@ -212,7 +212,7 @@ class MetaTrainer:
             "time": self._clock.read(),
             "rng": capture_rng_state(),
             "config": self._recorded_config(),
-            "strategy": None if self.strategy_choice is None else self.strategy_choice.to_dict(),
+            "strategy": self._strategy_record(),
         }
 
     def load_state_dict(self, state: dict[str, Any], path: str | Path) -> None:
@@ -324,7 +324,7 @@ class MetaTrainer:
                     self._interrupt(progress)
             summary.update(iteration=self.iteration, stopped_by="iterations" if self.iteration >= self.config.iterations
                            else "time_budget", best=self.best, nonfinite_skipped=self.nonfinite["total"],
-                           strategy=None if self.strategy_choice is None else self.strategy_choice.to_dict())
+                           strategy=self._strategy_record())
             figures = {"train_loss": summary["train_loss"], "best_val": self.best["value"] if self.best else None}
             log.log_hparams(_flat(self._recorded_config()), {k: v for k, v in figures.items() if v is not None})
         summary["time"] = self._clock.read()
@@ -412,6 +412,10 @@ class MetaTrainer:
         progress.update(done, self._spent(), {"loss": metrics["train/loss"],
                                               **({"best": self.best["value"]} if self.best else {})})
         return metrics["train/loss"], val
+
+    def _strategy_record(self) -> dict[str, Any] | None:
+        """The probe's choice as checkpoints and the summary store it (``None``: no probe)."""
+        return None if self.strategy_choice is None else self.strategy_choice.to_dict()
 
     def _probe_strategy(self) -> StrategyChoice | None:
         """Time the strategies of a ``strategy="auto"`` meta-learner and train with the fastest (:mod:`strategy_probe`).
