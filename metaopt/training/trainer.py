@@ -12,8 +12,10 @@ and learned optimizers go through the same loop.
 The run ends after ``iterations`` meta-updates, or with ``time_budget`` after the meta-update
 during which the budget runs out; either way the last iteration is evaluated and checkpointed.
 The budget counts training time (:mod:`metaopt.training.clock`): validation and test are not part
-of it. SIGINT (Ctrl-C) and SIGTERM stop the run after the meta-update under way: ``last.pt`` is
-written at that iteration and :class:`Interrupted` is raised (a second Ctrl-C stops at once).
+of it. SIGINT (Ctrl-C) and SIGTERM stop the run after the meta-update under way (after the next one
+when the signal comes during a validation or a checkpoint: every rank of a distributed run must
+stop at the same iteration): ``last.pt`` is written at that iteration and :class:`Interrupted` is
+raised (a second Ctrl-C stops at once).
 During a streak of non-finite meta-updates no checkpoint is written, so ``last.pt`` stays the
 last good state. Progress shows on a terminal, as plain lines when the output is redirected, and
 in ``train.log`` (:mod:`metaopt.training.progress`).
@@ -165,7 +167,8 @@ class MetaTrainer:
         self._clock = Clock()
         self._saved_iteration: int | None = None
         self._restored = False
-        self._stop: int | None = None  # the signal that asked the run to stop
+        self._asked: int | None = None  # the signal this process received (set by the handler, at any moment)
+        self._stop: int | None = None  # the run stops (agreed on by every rank after a meta-update): the signal
         self._time_up = False  # the time budget is spent (agreed on by every rank)
         #: what ``strategy="auto"``'s timing probe chose at the start of the run (``None``: no probe)
         self.strategy_choice: StrategyChoice | None = None
@@ -350,9 +353,9 @@ class MetaTrainer:
         def ask_to_stop(signum: int, frame: object) -> None:
             del frame
             repeated = self.world.active and time.monotonic() - asked[0] < 2.0
-            if self._stop is not None and signum == signal.SIGINT and not repeated:
+            if self._asked is not None and signum == signal.SIGINT and not repeated:
                 raise KeyboardInterrupt
-            self._stop, asked[0] = signum, time.monotonic()
+            self._asked, asked[0] = signum, time.monotonic()
 
         previous = {signum: signal.signal(signum, ask_to_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -387,9 +390,11 @@ class MetaTrainer:
         tracking = done % config.log_every == 0 or done == config.iterations
         with self._clock.measure(tasks=self.train_problems.batch_size):
             metrics = self._train_step(track_steps=tracking)
-        self._time_up, stop = self.world.agree([self._out_of_time(), self._stop is not None])
-        if stop and self._stop is None:  # another rank was asked to stop
-            self._stop = signal.SIGTERM
+        # a signal is acted on only once every rank knows of it: one that arrives after this agreement (often
+        # right after it, when its all-reduce returns) waits for the next, or the ranks would part ways
+        self._time_up, stop = self.world.agree([self._out_of_time(), self._asked is not None])
+        if stop:
+            self._stop = self._asked or signal.SIGTERM  # SIGTERM: another rank was asked to stop
         last = done == config.iterations or self._time_up
         record = {**metrics, **self._logged(), **self._clock.throughput()} if tracking or last else {}
         val, new_best = None, False

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ import torch.distributed as dist
 from metaopt.algorithms import MAML, MetaSGD
 from metaopt.algorithms.lstm_optimizer import LSTMOptimizerRule
 from metaopt.algorithms.rule_search import RuleController, RuleSearch
-from metaopt.datasets import Quadratics
+from metaopt.datasets import Quadratics, Sinusoid
 from metaopt.engine.optimizer_learner import OptimizerLearner
 from metaopt.estimators import PES, PPO, Backprop, Estimator, TruncatedBackprop, TruncatedES
+from metaopt.models import MLP
 from metaopt.problems.optimizees import OptimizeeStream
 from metaopt.training.config import TrainerConfig
 from metaopt.training.distributed import DistributedError, World
-from metaopt.training.trainer import MetaTrainer
+from metaopt.training.trainer import Interrupted, MetaTrainer
 from tests.helpers import tiny_convnet, tiny_mlp, toy_classification_batch, toy_regression_batch
 
 
@@ -116,6 +118,38 @@ def diverged(world: World) -> str:
     return "no error"
 
 
+def signalled_as_the_stop_agreement_returns(world: World) -> dict[str, Any]:
+    """Rank 0 gets SIGTERM as the stop agreement of iteration 2 (an evaluation's) returns; every rank's record.
+
+    A signal that reaches a rank blocked in the agreement's all-reduce is handled as it returns, once
+    the other ranks have agreed not to stop: each rank must still evaluate and stop where the others do.
+    """
+    calls: list[list[bool]] = []
+
+    class SignalledWorld(World):
+        def agree(self, flags: Sequence[bool]) -> list[bool]:
+            agreed = super().agree(flags)
+            calls.append(list(flags))
+            if self.rank == 0 and len(calls) == 3:  # the start's agreement, then iterations 1 and 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return agreed
+
+    torch.manual_seed(0)
+    evaluated: list[int] = []
+    config = TrainerConfig(iterations=10, eval_every=2, eval_episodes=4, log_every=1, checkpoint_every=1000)
+    trainer = MetaTrainer(MAML(MLP(1, 1, hidden=(8,)), inner_lr=0.01), Sinusoid(shots=5, query=10, batch_size=4),
+                          config, val_problems=Sinusoid(shots=5, query=10, batch_size=4, seed=1),
+                          world=SignalledWorld(world.rank, world.size))
+    update_best = trainer._update_best
+    trainer._update_best = lambda result: (evaluated.append(trainer.iteration), update_best(result))[1]
+    try:
+        trainer.fit()
+        stopped = None
+    except Interrupted as stop:
+        stopped = stop.iteration
+    return {"rank": world.rank, "evaluated": evaluated, "stopped": stopped}
+
+
 def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
     """Join the gloo group on ``port`` as ``rank`` of ``size``, run the cases; rank 0 saves them to ``out``."""
     os.environ.update(LOCAL_RANK=str(rank))
@@ -125,6 +159,8 @@ def worker(rank: int, size: int, port: int, out: str, names: list[str]) -> None:
     try:
         results: dict[str, Any] = {name: run_case(name, World(rank, size)) for name in names}
         results["diverged"] = diverged(World(rank, size))
+        world = World(rank, size)
+        results["signalled"] = world.gather(signalled_as_the_stop_agreement_returns(world))
         if rank == 0:
             torch.save(results, Path(out))
         dist.barrier()

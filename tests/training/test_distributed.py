@@ -81,6 +81,13 @@ def test_ranks_whose_parameters_differ_are_named_with_the_tensor(two_processes: 
     assert two_processes["diverged"].startswith("a test: 2.bias differs between rank 0 and rank 1")
 
 
+def test_a_signal_handled_as_the_stop_agreement_returns_waits_for_the_next_one_on_every_rank(
+        two_processes: dict) -> None:
+    # rank 0 alone learns of the signal after iteration 2's agreement: both ranks evaluate iteration 2 (had rank 0
+    # skipped it, rank 1 would wait for its result forever: CI caught that hang) and stop together after iteration 3
+    assert two_processes["signalled"] == [{"rank": rank, "evaluated": [2], "stopped": 3} for rank in (0, 1)]
+
+
 def test_a_share_of_the_items_is_contiguous_and_the_shares_cover_them_once() -> None:
     for size in (1, 2, 3, 5):
         shares = [World(rank, size).share(7) for rank in range(size)]
