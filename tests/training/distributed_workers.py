@@ -8,6 +8,7 @@ the cases on one rank of a group and rank 0 saves what they return.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import signal
 import sys
@@ -124,24 +125,28 @@ def signalled_as_the_stop_agreement_returns(world: World) -> dict[str, Any]:
     A signal that reaches a rank blocked in the agreement's all-reduce is handled as it returns, once
     the other ranks have agreed not to stop: each rank must still evaluate and stop where the others do.
     """
-    calls: list[list[bool]] = []
+    agreements = itertools.count(1)
 
     class SignalledWorld(World):
         def agree(self, flags: Sequence[bool]) -> list[bool]:
             agreed = super().agree(flags)
-            calls.append(list(flags))
-            if self.rank == 0 and len(calls) == 3:  # the start's agreement, then iterations 1 and 2
+            if self.rank == 0 and next(agreements) == 3:  # the start's agreement, then iterations 1 and 2
                 os.kill(os.getpid(), signal.SIGTERM)
             return agreed
 
     torch.manual_seed(0)
-    evaluated: list[int] = []
     config = TrainerConfig(iterations=10, eval_every=2, eval_episodes=4, log_every=1, checkpoint_every=1000)
     trainer = MetaTrainer(MAML(MLP(1, 1, hidden=(8,)), inner_lr=0.01), Sinusoid(shots=5, query=10, batch_size=4),
                           config, val_problems=Sinusoid(shots=5, query=10, batch_size=4, seed=1),
                           world=SignalledWorld(world.rank, world.size))
+    evaluated: list[int] = []
     update_best = trainer._update_best
-    trainer._update_best = lambda result: (evaluated.append(trainer.iteration), update_best(result))[1]
+
+    def recording_evaluations(result: Any) -> bool:
+        evaluated.append(trainer.iteration)
+        return update_best(result)
+
+    trainer._update_best = recording_evaluations
     try:
         trainer.fit()
         stopped = None
